@@ -1,0 +1,81 @@
+"""Frozen engine configuration, built once at the edge (the CLI) and passed to the engine process as a slice.
+
+Derived numbers (the KV block count after sizing the pool) are returned by the runner, never written back here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30,
+          "t": 10**12, "tb": 10**12, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'64MiB' -> 67108864, '1.5GB' -> 1500000000, '4096' -> 4096. Raises ValueError on anything else."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 64MiB, 2GiB, 500MB, 1048576)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "vllm"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "default"  # "default", a local HF directory, or "tiny-random" (tests)
+    served_model_name: str = ""
+    dtype: str = "float32"
+    max_model_len: int = 0  # 0 = the model's own max_position_embeddings (capped at 8192)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:0"
+    kv_cache_memory: int = 0  # bytes for the KV pool; 0 = derive from device memory
+    device_memory: int = 0  # bytes per replica (CPU budget); 0 = default
+    gpu_memory_utilization: float = 0.9
+    num_threads: int = 0  # torch intra-op threads in the engine; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    device: DeviceConfig = DeviceConfig()
+    stats_interval_s: float = 0.25
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineConfig:
+        """Inverse of to_dict; unknown keys are an error."""
+        parts = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            sub_cls = {"model": ModelConfig, "scheduler": SchedulerConfig, "device": DeviceConfig}.get(f.name)
+            parts[f.name] = _strict(sub_cls, data[f.name]) if sub_cls else data[f.name]
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {sorted(unknown)}")
+        return cls(**parts)
+
+
+def _strict(cls: type, data: dict):
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**data)

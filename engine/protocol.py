@@ -1,0 +1,140 @@
+"""Typed messages that cross the server <-> engine process boundary.
+
+Every record is a frozen dataclass of plain values (ints, floats, strings, lists); none holds a live object.
+The byte codec for them lives in `engine/codec.py`; the rings that carry the bytes in `engine/ipc.py`.
+This module imports neither torch nor anything of the server.
+
+    server ──AddRequest / Abort / Shutdown──▶ engine
+    server ◀──Ready / TokenDeltaBatch / EngineStats / EngineError── engine
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class FinishReason(IntEnum):
+    """Why a request ended. Values are stable on the wire."""
+
+    STOP = 0  # EOS, a stop token id, or (server side) a stop string
+    LENGTH = 1  # max_tokens or the model's context length
+    ABORT = 2  # client disconnect / explicit abort
+    ERROR = 3  # the engine could not serve it (e.g. it can never fit in the KV pool)
+
+    @property
+    def openai_name(self) -> str:
+        return ("stop", "length", "abort", "error")[self]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0  # 0 = disabled
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+# ---- server -> engine ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float  # time.time() at the server when the HTTP request arrived
+    tenant: str = "default"
+    app_id: str = ""  # empty = an application of its own
+    slo_class: str = "interactive"
+    priority: int = 0
+    cache_salt: str = ""  # mixed into prefix-cache hashes; requests with different salts never share blocks
+    # Response-length prediction (tokens), filled by predictor/ in the server; 0 = no prediction.
+    rl_mean: float = 0.0
+    rl_q: float = 0.0
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = ""
+
+
+# ---- engine -> server ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Sent once, after the model is loaded and the KV pool is allocated."""
+
+    model_name: str
+    max_model_len: int
+    block_size: int
+    num_kv_blocks: int
+    device: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of one request since the last delta. finish_reason is set on its last delta."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    error: str = ""  # set with FinishReason.ERROR
+
+
+@dataclass(frozen=True)
+class TokenDeltaBatch:
+    """All deltas of one engine step: one message, one wake-up."""
+
+    deltas: list[TokenDelta]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Published by the engine a few times a second and after every state change that a client may wait for."""
+
+    timestamp: float
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float  # used / total blocks, 0..1
+    num_preemptions_total: int
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+    prefix_cache_queries_total: int  # in tokens
+    prefix_cache_hits_total: int  # in tokens
+    num_steps_total: int
+    last_step_seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # policy-specific gauges (name -> value)
+
+
+@dataclass(frozen=True)
+class EngineError:
+    """A fatal error in the engine process; the process exits after sending it."""
+
+    message: str
+
+
+ServerToEngine = AddRequest | Abort | Shutdown
+EngineToServer = Ready | TokenDeltaBatch | EngineStats | EngineError
