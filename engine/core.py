@@ -1,0 +1,126 @@
+"""EngineCore: add / abort / step / stats around the scheduler and a runner. No I/O, no processes.
+
+The engine process (`engine/process.py`) is a loop around it; tests drive it directly with a tiny model or a
+fake runner; the simulator will drive it with a cost model. One step is three calls:
+
+    output = scheduler.schedule();  model_output = runner.execute(output);  deltas = scheduler.update(...)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from engine.batch import ModelOutput, SchedulerOutput
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.policy import make_policy
+from engine.protocol import AddRequest, EngineStats, Ready, TokenDelta
+from engine.request import Request, RequestStatus
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the core needs from a model runner (engine/runner.py, or a fake in tests)."""
+
+    num_kv_blocks: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    model_name: str
+    device: str
+
+    def execute(self, output: SchedulerOutput) -> ModelOutput: ...
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: Runner, check_invariants: bool = False) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.check_invariants = check_invariants
+        self._pending: list[TokenDelta] = []  # deltas produced outside a step (refusals, aborts)
+        self._last_step_seconds = 0.0
+
+    def add_request(self, msg: AddRequest) -> None:
+        if msg.request_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {msg.request_id!r}")
+        if (refusal := self.scheduler.add_request(Request.from_message(msg))) is not None:
+            logger.info("refused %s: %s", msg.request_id, refusal.error)
+            self._pending.append(refusal)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._pending.extend(self.scheduler.abort(request_ids))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._pending)
+
+    def step(self) -> list[TokenDelta]:
+        """Run one schedule → execute → update if there is anything to run; return every delta since the last step."""
+        deltas, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished:
+            return deltas
+        start = time.perf_counter()
+        output = self.scheduler.schedule()
+        if not output.is_empty:
+            model_output = self.runner.execute(output)
+            deltas.extend(self.scheduler.update(output, model_output))
+        self._last_step_seconds = time.perf_counter() - start
+        if self.check_invariants:
+            self.scheduler.check_invariants()
+        return deltas
+
+    def stats(self) -> EngineStats:
+        scheduler, blocks = self.scheduler, self.scheduler.block_manager
+        return EngineStats(
+            timestamp=time.time(),
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_preempted=sum(1 for r in scheduler.waiting if r.status == RequestStatus.PREEMPTED),
+            num_free_blocks=blocks.num_free_blocks,
+            num_total_blocks=blocks.num_blocks,
+            kv_usage=blocks.usage,
+            num_preemptions_total=scheduler.num_preemptions_total,
+            num_prompt_tokens_total=scheduler.num_prompt_tokens_total,
+            num_generation_tokens_total=scheduler.num_generation_tokens_total,
+            prefix_cache_queries_total=blocks.prefix_cache_queries,
+            prefix_cache_hits_total=blocks.prefix_cache_hits,
+            num_steps_total=scheduler.num_steps_total,
+            last_step_seconds=self._last_step_seconds,
+        )
+
+    def ready_message(self) -> Ready:
+        return Ready(
+            model_name=self.runner.model_name,
+            max_model_len=self.runner.max_model_len,
+            block_size=self.scheduler.block_manager.block_size,
+            num_kv_blocks=self.scheduler.block_manager.num_blocks,
+            device=self.runner.device,
+            policy=self.scheduler.policy.name,
+        )
+
+
+def build_scheduler(config: EngineConfig, runner: Runner) -> Scheduler:
+    sched = config.scheduler
+    block_manager = BlockManager(runner.num_kv_blocks, sched.block_size, sched.enable_prefix_caching)
+    return Scheduler(
+        sched, block_manager, make_policy(sched.policy), runner.max_model_len, runner.eos_token_ids
+    )
+
+
+def build_engine_core(config: EngineConfig, check_invariants: bool = False) -> EngineCore:
+    """Load the model (this takes seconds) and wire the scheduler to it."""
+    from engine.runner import ModelRunner  # torch lives behind this import
+
+    runner = ModelRunner(config.model, config.device, config.scheduler.block_size)
+    core = EngineCore(build_scheduler(config, runner), runner, check_invariants)
+    logger.info(
+        "engine ready: model %s on %s, %d KV blocks of %d tokens, policy %s",
+        runner.model_name,
+        runner.device,
+        runner.num_kv_blocks,
+        config.scheduler.block_size,
+        config.scheduler.policy,
+    )
+    return core

@@ -1,0 +1,169 @@
+"""A request inside the engine: it owns its tokens, its progress and its status; transitions are methods.
+
+Token bookkeeping (P prompt tokens, O output tokens so far):
+
+    all_token_ids:        [p0 ... p(P-1) o0 ... o(O-1)]
+    num_computed_tokens:  how many of them have K/V in the cache
+    decode step:          num_computed == P + O - 1  → run the last sampled token, sample the next one
+    after a preemption:   num_computed == 0           → recompute all P + O tokens, then sample the next one
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from engine.protocol import AddRequest, FinishReason, SamplingParams
+
+
+class RequestStatus(IntEnum):
+    """Ordered so that `is_finished` is a comparison (as in vLLM V1)."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+_STATUS_OF_REASON = {
+    FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
+    FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
+    FinishReason.ABORT: RequestStatus.FINISHED_ABORTED,
+    FinishReason.ERROR: RequestStatus.FINISHED_ERROR,
+}
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        arrival_time: float = 0.0,
+        tenant: str = "default",
+        app_id: str = "",
+        slo_class: str = "interactive",
+        priority: int = 0,
+        cache_salt: str = "",
+        rl_mean: float = 0.0,
+        rl_q: float = 0.0,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("a request needs at least one prompt token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling = sampling
+        self.arrival_time = arrival_time
+        self.tenant = tenant
+        self.app_id = app_id or request_id  # default: an application of its own
+        self.slo_class = slo_class
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.rl_mean = rl_mean
+        self.rl_q = rl_q
+
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hits at first admission (reported in usage)
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # hash chain of this request's full blocks, grown lazily
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.error = ""
+
+    @classmethod
+    def from_message(cls, msg: AddRequest) -> Request:
+        return cls(
+            request_id=msg.request_id,
+            prompt_token_ids=msg.prompt_token_ids,
+            sampling=msg.sampling,
+            arrival_time=msg.arrival_time,
+            tenant=msg.tenant,
+            app_id=msg.app_id,
+            slo_class=msg.slo_class,
+            priority=msg.priority,
+            cache_salt=msg.cache_salt,
+            rl_mean=msg.rl_mean,
+            rl_q=msg.rl_q,
+        )
+
+    # ---- derived values ----------------------------------------------------------------------------------
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until every known token except the last sampled one has K/V (prompt or recompute)."""
+        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Prompt plus every output token it may still produce: the KV it can ever need."""
+        return self.num_prompt_tokens + self.sampling.max_tokens
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    # ---- transitions -------------------------------------------------------------------------------------
+
+    def append_token(
+        self, token_id: int, eos_token_ids: tuple[int, ...], max_model_len: int
+    ) -> FinishReason | None:
+        """Add one sampled token; return why the request must stop now, if it must."""
+        self.output_token_ids.append(token_id)
+        sampling = self.sampling
+        if not sampling.ignore_eos and token_id in eos_token_ids:
+            return FinishReason.STOP
+        if token_id in sampling.stop_token_ids:
+            return FinishReason.STOP
+        if self.num_output_tokens >= sampling.max_tokens or self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, reason: FinishReason, error: str = "") -> None:
+        self.status = _STATUS_OF_REASON[reason]
+        self.finish_reason = reason
+        self.error = error
+
+    def preempt(self) -> None:
+        """Recompute preemption: drop all KV; the request re-enters the waiting queue with its tokens kept."""
+        self.status = RequestStatus.PREEMPTED
+        self.num_computed_tokens = 0
+        self.block_ids = []
+        self.num_preemptions += 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
+            f"out={self.num_output_tokens}, computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )

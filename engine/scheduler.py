@@ -1,0 +1,224 @@
+"""The scheduler: continuous batching with one per-step token budget, chunked prefill mixed with decodes,
+prefix caching and preemption by recompute. Torch-free; the policy decides order, admission and victims.
+
+One step:
+    schedule() -> SchedulerOutput      running requests first (one decode token, or the next prefill chunk),
+                                       preempting the policy's victim when KV runs out; then waiting requests,
+                                       in the policy's order, while the token budget and max_num_seqs allow
+    (a runner executes it)             -> ModelOutput (one sampled token per request that reached its end)
+    update(output, model_output)       advance computed tokens, register full blocks in the prefix cache,
+                                       append sampled tokens, finish and free -> TokenDeltas
+"""
+
+from __future__ import annotations
+
+import logging
+
+from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.policy import SchedulingPolicy
+from engine.protocol import FinishReason, TokenDelta
+from engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        policy: SchedulingPolicy,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.policy = policy
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the newest is last
+        self._finished_ids: list[str] = []  # finished since the last schedule(), for the runner to forget
+        self.num_preemptions_total = 0
+        self.num_prompt_tokens_total = 0  # prompt tokens computed (cache hits excluded, recompute included)
+        self.num_generation_tokens_total = 0
+        self.num_steps_total = 0
+
+    # ---- intake ------------------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> TokenDelta | None:
+        """Queue a request, or refuse it at once (returning its final delta) if it can never be served."""
+        if error := self._never_fits(request):
+            request.finish(FinishReason.ERROR, error)
+            return TokenDelta(request.request_id, [], FinishReason.ERROR, request.num_prompt_tokens, 0, error)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        return None
+
+    def _never_fits(self, request: Request) -> str:
+        if request.num_prompt_tokens >= self.max_model_len:
+            return (
+                f"prompt has {request.num_prompt_tokens} tokens; the model's context is {self.max_model_len}"
+            )
+        # Without this check a request larger than the pool would preempt itself forever (vllm#39734).
+        num_needed = self.block_manager.num_blocks_for(min(request.max_total_tokens, self.max_model_len))
+        if num_needed > self.block_manager.num_blocks:
+            return (
+                f"prompt + max_tokens needs {num_needed} KV blocks but the pool has "
+                f"{self.block_manager.num_blocks}; lower max_tokens or raise --kv-cache-memory"
+            )
+        return ""
+
+    def abort(self, request_ids: list[str]) -> list[TokenDelta]:
+        deltas = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, FinishReason.ABORT)
+            deltas.append(self._delta(request, []))
+        return deltas
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- schedule ----------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        scheduled_ids: set[str] = set()
+        preempted: list[Request] = []
+
+        # Running requests first: each gets its next chunk (a decode is a chunk of one).
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, num_new):
+                candidates = [r for r in self.running if r.request_id not in scheduled_ids]
+                victim = self.policy.select_victim(candidates)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; running[i] is now the next request
+            scheduled.append(self._scheduled(request, num_new))
+            scheduled_ids.add(request.request_id)
+            budget -= num_new
+            i += 1
+
+        # Then waiting requests, in the policy's order.
+        if not preempted or self.policy.admit_after_preemption:
+            for request in self.policy.waiting_order(self.waiting):
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                if not self._try_admit(request, budget, scheduled):
+                    if self.policy.blocking_admission:
+                        break
+                    continue
+                scheduled_ids.add(request.request_id)
+                budget -= scheduled[-1].num_tokens
+
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(scheduled, finished_ids, [r.request_id for r in preempted])
+
+    def _try_admit(self, request: Request, budget: int, scheduled: list[ScheduledRequest]) -> bool:
+        computed_block_ids = self.block_manager.get_computed_blocks(request)
+        num_cached = len(computed_block_ids) * self.block_manager.block_size
+        num_new_total = request.num_tokens - num_cached
+        if not self.policy.can_admit(request, num_new_total, computed_block_ids, self.block_manager):
+            return False
+        num_new = min(num_new_total, budget)
+        if not self.block_manager.allocate_slots(request, num_new, computed_block_ids):
+            return False
+        if request.status == RequestStatus.WAITING:  # first admission: count the prefix lookup once
+            self.block_manager.record_prefix_lookup(request.num_prompt_tokens, num_cached)
+            request.num_cached_tokens = num_cached
+        request.num_computed_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        self.waiting.remove(request)
+        self.running.append(request)
+        scheduled.append(self._scheduled(request, num_new))
+        return True
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids_slice(start, start + num_new),
+            start_position=start,
+            block_ids=list(request.block_ids),
+            sampling=request.sampling,
+            needs_sample=start + num_new == request.num_tokens,
+            num_generated=request.num_output_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.preempt()
+        self.waiting.append(request)
+        self.num_preemptions_total += 1
+        logger.info(
+            "preempted %s (recompute) after %d output tokens", request.request_id, request.num_output_tokens
+        )
+
+    # ---- update ------------------------------------------------------------------------------------------
+
+    def update(self, output: SchedulerOutput, model_output: ModelOutput) -> list[TokenDelta]:
+        self.num_steps_total += 1
+        deltas = []
+        for item in output.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.is_finished:
+                continue
+            end = item.start_position + item.num_tokens
+            self.num_prompt_tokens_total += max(0, min(end, request.num_prompt_tokens) - item.start_position)
+            request.num_computed_tokens = end
+            self.block_manager.cache_full_blocks(request)
+            if not item.needs_sample:
+                continue
+            token_id = model_output.sampled[request.request_id]
+            self.num_generation_tokens_total += 1
+            reason = request.append_token(token_id, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                self.running.remove(request)
+                self._finish(request, reason)
+            deltas.append(self._delta(request, [token_id]))
+        return deltas
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        self.block_manager.free(request)
+        request.finish(reason)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _delta(self, request: Request, token_ids: list[int]) -> TokenDelta:
+        return TokenDelta(
+            request.request_id,
+            token_ids,
+            request.finish_reason,
+            request.num_prompt_tokens,
+            request.num_cached_tokens,
+            request.error,
+        )
+
+    # ---- checks ------------------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        live = self.running + [r for r in self.waiting if r.block_ids]
+        self.block_manager.check_invariants(live)
+        assert all(r.status == RequestStatus.RUNNING for r in self.running)
+        assert all(not r.block_ids for r in self.waiting), "a waiting request holds KV"
+        assert len(self.running) <= self.config.max_num_seqs
+        assert set(self.requests) == {r.request_id for r in self.running + self.waiting}
