@@ -1,0 +1,287 @@
+"""PagedLlama: our own forward pass for the Llama family over a paged KV cache (gpt-fast tone).
+
+embed -> layers (RMSNorm, fused qkv, RoPE, store K/V by slot, paged attention, o_proj, RMSNorm, fused gate_up,
+SiLU*up, down) -> final norm -> lm_head on the rows that need logits. One flat varlen batch per step (engine/batch.py):
+prefill chunks first (attention per request over the cached prefix + causal chunk), then single-token decodes
+(one batched paged-attention call per layer, torch.compile'd on request; reference/cpu-feasibility.md §2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.weights import LayerWeights, ModelWeights, rope_inv_freq
+
+logger = logging.getLogger(__name__)
+
+
+def compile_enabled_by_env() -> bool:
+    """KAIROS_COMPILE=0 turns torch.compile of decode attention off (default on)."""
+    return os.environ.get("KAIROS_COMPILE", "1").lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class ForwardBatch:
+    """One step's flat inputs (T tokens). Tokens [0, num_prefill_tokens) are prefill chunks, the rest decodes."""
+
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    logits_indices: torch.Tensor  # [R] int64: rows whose logits are returned, in this order
+    # prefill chunks (any request with more than one query token); Python ints: attention loops over them
+    prefill_query_start_loc: list[int]  # [P + 1], prefill_query_start_loc[-1] == num_prefill_tokens
+    prefill_context_lens: list[int]  # [P]
+    prefill_block_tables: list[torch.Tensor]  # P x [num_blocks_r] int64
+    # decodes: one query token each
+    decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0 (masked off)
+    decode_context_lens: torch.Tensor  # [B] int64
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.prefill_query_start_loc[-1]
+
+
+class KVCache:
+    """Per-layer K and V pools, each [num_blocks, block_size, num_kv_heads, head_dim], carved from one tensor."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.storage = torch.zeros(
+            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        self.k = [self.storage[i, 0] for i in range(num_layers)]
+        self.v = [self.storage[i, 1] for i in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2
+            * num_layers
+            * block_size
+            * num_kv_heads
+            * head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
+
+
+# ---- attention -----------------------------------------------------------------------------------------------
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [N, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    context_lens: torch.Tensor,  # [B]
+    scale: float,
+) -> torch.Tensor:  # [B, H, D]
+    """Batched paged decode attention over a padded [B, max_blocks * block_size] view with a length mask.
+
+    Written as broadcast-multiply + sum (not matmul) so inductor fuses the block-table gather into the reductions
+    and never materialises the gathered K/V; eager runs it too (slowly; see decode_attention_eager).
+    """
+    num_reqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    k = k_cache[block_tables].flatten(1, 2).unsqueeze(3)  # [B, T, KVH, 1, D]
+    v = v_cache[block_tables].flatten(1, 2).unsqueeze(3)
+    scores = (q.view(num_reqs, 1, num_kv_heads, group, head_dim) * k).sum(-1) * scale  # [B, T, KVH, G]
+    pad = torch.arange(k.shape[1], device=q.device)[None, :] >= context_lens[:, None]  # [B, T]
+    scores = scores.masked_fill(pad[:, :, None, None], float("-inf"))
+    probs = scores.softmax(dim=1)
+    return (probs.unsqueeze(-1) * v).sum(1).view(num_reqs, num_heads, head_dim)
+
+
+def decode_attention_eager(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The uncompiled path: gather the padded K/V once, then SDPA with a length mask (GQA in SDPA)."""
+    num_reqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, T, D]
+    v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]  # [B, T]
+    out = F.scaled_dot_product_attention(
+        q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim),
+        k,
+        v,
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+    )  # [B, KVH, G, D]
+    return out.reshape(num_reqs, num_heads, head_dim)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """q, k, v [P_tokens, heads, D] of the prefill chunks; a Python loop over requests (chunks are few and long)."""
+    out = torch.empty_like(q)
+    qsl = batch.prefill_query_start_loc
+    block_size = k_cache.shape[1]
+    for r, ctx in enumerate(batch.prefill_context_lens):
+        start, end = qsl[r], qsl[r + 1]
+        n = end - start
+        if ctx == n:  # no cached prefix: the chunk's own K/V, plain causal
+            kr, vr, mask, causal = k[start:end], v[start:end], None, True
+        else:  # prefix in the cache (already holds this chunk too): query i sits at ctx - n + i
+            blocks = batch.prefill_block_tables[r][: (ctx + block_size - 1) // block_size]
+            kr = k_cache[blocks].flatten(0, 1)[:ctx]
+            vr = v_cache[blocks].flatten(0, 1)[:ctx]
+            q_pos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
+            causal = False
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),
+            kr.transpose(0, 1),
+            vr.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )  # [H, n, D]
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+# ---- the model -----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same op order as HF LlamaRMSNorm (normalise in fp32, cast back, then scale), so fp32 results match bit for bit.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PagedLlama:
+    def __init__(self, weights: ModelWeights, compile_decode: bool | None = None) -> None:
+        self.weights = weights
+        arch = self.arch = weights.arch
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.scale = arch.head_dim**-0.5
+        inv_freq, self.rope_scaling = rope_inv_freq(arch)
+        self.inv_freq = inv_freq.to(weights.embed.device)
+        self.compile_decode = compile_enabled_by_env() if compile_decode is None else compile_decode
+        # Default torch.compile (automatic dynamic), NOT dynamic=True: that also makes head_dim/KVH symbolic, 2.5x slower.
+        self._decode_attention: Callable[..., torch.Tensor] = (
+            torch.compile(decode_attention) if self.compile_decode else decode_attention_eager
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        return KVCache(
+            self.arch.num_layers,
+            num_blocks,
+            block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype or self.dtype,
+            self.device,
+        )
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x [T, 1, D]
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2], exactly HF's product
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+        return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:  # [R, vocab] fp32 logits
+        w = self.weights
+        h = F.embedding(batch.token_ids, w.embed)  # [T, hidden]
+        cos, sin = self.rope(batch.positions)
+        for i, layer in enumerate(w.layers):
+            h = self._layer(h, layer, kv.k[i], kv.v[i], cos, sin, batch)
+        h = rms_norm(h[batch.logits_indices], w.norm, self.arch.rms_norm_eps)
+        return F.linear(h, w.lm_head).float()
+
+    __call__ = forward
+
+    def _layer(
+        self,
+        h: torch.Tensor,
+        layer: LayerWeights,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        num_tokens = h.shape[0]
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = rms_norm(h, layer.input_norm, self.arch.rms_norm_eps)
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) * D]
+        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        q, k, v = q.view(num_tokens, nh, d), k.view(num_tokens, nkv, d), v.view(num_tokens, nkv, d)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        kv_rows = k_cache.view(-1, nkv, d)  # [N * block_size, KVH, D]: row index == slot
+        kv_rows[batch.slot_mapping] = k
+        v_cache.view(-1, nkv, d)[batch.slot_mapping] = v
+
+        p = batch.num_prefill_tokens
+        if p == num_tokens:
+            attn = prefill_attention(q, k, v, k_cache, v_cache, batch, self.scale)
+        elif p == 0:
+            attn = self._decode_attention(
+                q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale
+            )
+        else:
+            attn = torch.cat(
+                [
+                    prefill_attention(q[:p], k[:p], v[:p], k_cache, v_cache, batch, self.scale),
+                    self._decode_attention(
+                        q[p:],
+                        k_cache,
+                        v_cache,
+                        batch.decode_block_tables,
+                        batch.decode_context_lens,
+                        self.scale,
+                    ),
+                ]
+            )
+        h = h + F.linear(attn.reshape(num_tokens, nh * d), layer.o_proj, layer.o_bias)
+        x = rms_norm(h, layer.post_norm, self.arch.rms_norm_eps)
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, layer.down)

@@ -1,0 +1,221 @@
+"""ModelRunner: turns a SchedulerOutput into one forward pass and one sampled token per request that needs one.
+
+It owns the weights, the KV pool (sized here from the memory budget) and the per-request seeded generators;
+nothing else survives a step. The scheduler owns block tables: the runner writes K/V wherever block_ids say.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
+from engine.config import DeviceConfig, ModelConfig
+from engine.model import ForwardBatch, KVCache, PagedLlama
+from engine.model_store import resolve_model
+from engine.protocol import SamplingParams
+from engine.sampler import sample
+from engine.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_MODEL_LEN = 8192
+CPU_DEFAULT_KV_BYTES = 2 * 2**30  # without --kv-cache-memory / --device-memory, at most 2 GiB of KV on CPU
+ACTIVATION_RESERVE_BYTES = 512 * 2**20  # kept out of a device-memory budget for activations and logits
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        device_config: DeviceConfig,
+        block_size: int,
+        compile: bool | None = None,
+    ) -> None:
+        """compile: torch.compile the decode attention (None = env KAIROS_COMPILE, default on)."""
+        self.device = pick_device(device_config.device)
+        if device_config.num_threads > 0:
+            torch.set_num_threads(device_config.num_threads)
+        model_dir = resolve_model(model_config.model)
+        self.model_name = model_config.served_model_name or (
+            model_config.model if model_config.model in ("default", "tiny-random") else model_dir.name
+        )
+        dtype = _DTYPES[model_config.dtype]
+        t0 = time.perf_counter()
+        weights = load_weights(model_dir, dtype=dtype, device=self.device)
+        self.model = PagedLlama(weights, compile_decode=compile)
+        arch = weights.arch
+        self.vocab_size = arch.vocab_size
+        self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids
+        self.max_model_len = model_config.max_model_len or min(
+            arch.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
+        )
+        self.block_size = block_size
+        bytes_per_block = KVCache.bytes_per_block(
+            arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim, dtype
+        )
+        kv_bytes = self._kv_budget(device_config, weights.num_bytes)
+        self.num_kv_blocks = kv_bytes // bytes_per_block
+        if self.num_kv_blocks < 1:
+            raise ValueError(f"KV budget {kv_bytes} B is smaller than one block ({bytes_per_block} B)")
+        self.kv_cache = self.model.allocate_kv_cache(self.num_kv_blocks, block_size)
+        self._generators: dict[str, torch.Generator] = {}
+        self._shared_generator = torch.Generator(device=self.device)
+        self._shared_generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+        logger.info(
+            "runner ready in %.1fs: %s on %s, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d",
+            time.perf_counter() - t0,
+            self.model_name,
+            self.device,
+            self.num_kv_blocks,
+            block_size,
+            self.num_kv_blocks * bytes_per_block / 2**20,
+            self.max_model_len,
+        )
+
+    def _kv_budget(self, cfg: DeviceConfig, weight_bytes: int) -> int:
+        if cfg.kv_cache_memory > 0:
+            return cfg.kv_cache_memory
+        if self.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info(torch.device(self.device))
+            # Weights are already resident, so they are in total - free.
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free) - ACTIVATION_RESERVE_BYTES
+            return max(0, min(budget, free - ACTIVATION_RESERVE_BYTES))
+        if cfg.device_memory > 0:
+            return cfg.device_memory - weight_bytes - ACTIVATION_RESERVE_BYTES
+        return CPU_DEFAULT_KV_BYTES
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        t0 = time.perf_counter()
+        for request_id in out.finished_request_ids:
+            # Preempted requests keep their generator: they are recomputed and go on sampling from it.
+            self._generators.pop(request_id, None)
+        if out.is_empty:
+            return ModelOutput(sampled={}, elapsed_seconds=time.perf_counter() - t0)
+        # Prefill chunks first, then single-token requests (decodes) as one batched attention call.
+        prefills = [r for r in out.scheduled if r.num_tokens > 1]
+        decodes = [r for r in out.scheduled if r.num_tokens == 1]
+        ordered = prefills + decodes
+        batch = build_forward_batch(prefills, decodes, self.block_size, self.device)
+        logits = self.model(batch, self.kv_cache)
+        sampling = [r for r in ordered if r.needs_sample]
+        tokens = sample(
+            logits,
+            [r.sampling for r in sampling],
+            [self._generator(r) for r in sampling],
+            self._shared_generator,
+        ).tolist()
+        sampled = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+        return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
+
+    def _generator(self, request: ScheduledRequest) -> torch.Generator | None:
+        if request.sampling.seed is None or request.sampling.is_greedy:
+            return None
+        if (gen := self._generators.get(request.request_id)) is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(request.sampling.seed)
+            # Rebuilt after a loss (e.g. another replica ran it): replay one draw per token already sampled.
+            if request.num_generated:
+                torch.empty(request.num_generated, self.vocab_size, device=self.device).exponential_(
+                    generator=gen
+                )
+            self._generators[request.request_id] = gen
+        return gen
+
+    # ---- warm-up -------------------------------------------------------------------------------------------
+
+    def warmup(self) -> float:
+        """Run a prefill and decode batches of two shapes, so torch.compile's automatic dynamic shapes kick in
+        before traffic (reference/cpu-feasibility.md §2). Writes only into block 0..n of the pool, which the
+        scheduler has not handed out yet. Returns seconds spent."""
+        t0 = time.perf_counter()
+        greedy = SamplingParams(temperature=0.0)
+        bs = self.block_size
+        blocks_per = max(1, min(4, self.num_kv_blocks // 4))
+        num_reqs = max(1, min(4, self.num_kv_blocks // blocks_per))
+        ctx = min(blocks_per * bs, self.max_model_len) - 1
+        tables = [[i * blocks_per + j for j in range(blocks_per)] for i in range(num_reqs)]
+        prompts = [
+            ScheduledRequest(f"warmup-{i}", [1] * ctx, 0, tables[i], greedy, True) for i in range(num_reqs)
+        ]
+        self.execute(SchedulerOutput(scheduled=prompts))
+        for n, length in (
+            (num_reqs, ctx - 1),
+            (max(1, num_reqs - 1), max(1, ctx - bs - 1)),
+            (num_reqs, ctx - 2),
+        ):
+            steps = [ScheduledRequest(f"warmup-{i}", [1], length, tables[i], greedy, True) for i in range(n)]
+            self.execute(SchedulerOutput(scheduled=steps))
+        elapsed = time.perf_counter() - t0
+        logger.info("warm-up done in %.1fs", elapsed)
+        return elapsed
+
+
+def build_forward_batch(
+    prefills: list[ScheduledRequest], decodes: list[ScheduledRequest], block_size: int, device: str
+) -> ForwardBatch:
+    """Flat tensors for one step: prefill chunks (more than one token) first, then single-token decodes."""
+    bs = block_size
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_indices: list[int] = []
+    qsl = [0]
+    prefill_tables = []
+    for r in prefills:
+        table = r.block_ids
+        pos = range(r.start_position, r.context_len)
+        token_ids += r.token_ids
+        positions += pos
+        slots += [table[p // bs] * bs + p % bs for p in pos]
+        qsl.append(len(token_ids))
+        if r.needs_sample:
+            logits_indices.append(len(token_ids) - 1)
+        prefill_tables.append(torch.tensor(table[: (r.context_len + bs - 1) // bs], dtype=torch.int64))
+    max_blocks = max(((r.context_len + bs - 1) // bs for r in decodes), default=0)
+    decode_tables = []
+    for r in decodes:
+        p = r.start_position
+        token_ids.append(r.token_ids[0])
+        positions.append(p)
+        slots.append(r.block_ids[p // bs] * bs + p % bs)
+        if r.needs_sample:
+            logits_indices.append(len(token_ids) - 1)
+        used = r.block_ids[: (p + bs) // bs]
+        decode_tables.append(used + [0] * (max_blocks - len(used)))  # pad with block 0: masked, never read
+    dev = device
+
+    def t(x: list) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+
+    return ForwardBatch(
+        token_ids=t(token_ids),
+        positions=t(positions),
+        slot_mapping=t(slots),
+        logits_indices=t(logits_indices),
+        prefill_query_start_loc=qsl,
+        prefill_context_lens=[r.context_len for r in prefills],
+        prefill_block_tables=[x.to(dev) for x in prefill_tables],
+        decode_block_tables=t(decode_tables).view(len(decodes), max_blocks),
+        decode_context_lens=t([r.context_len for r in decodes]),
+    )
