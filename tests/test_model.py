@@ -153,7 +153,11 @@ def hf_greedy(hf_model, prompt: list[int], num_new: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = hf_model.generate(
-            ids, max_new_tokens=num_new, do_sample=False, eos_token_id=None, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=num_new,
+            do_sample=False,
+            eos_token_id=None,
         )
     return out[0, len(prompt) :].tolist()
 
