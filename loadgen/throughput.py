@@ -60,8 +60,9 @@ def select_prompts(
             eligible.append(Prompt(row["id"], row["prompt"], row["prompt_tokens"]))
     if num_prompts > len(eligible):
         raise ValueError(f"asked for {num_prompts} prompts, only {len(eligible)} eligible in {path}")
-    picked = np.random.default_rng(seed).choice(len(eligible), size=num_prompts, replace=False)
-    return [eligible[i] for i in picked]
+    # A permutation prefix, so that a smaller --num-prompts is a subset of a larger one with the same seed.
+    order = np.random.default_rng(seed).permutation(len(eligible))
+    return [eligible[i] for i in order[:num_prompts]]
 
 
 @dataclass

@@ -1,0 +1,302 @@
+"""The OpenAI-compatible HTTP front end: routes, startup, checks, errors.
+
+`build_app(config, client)` returns a Starlette app; all state is on `app.state` (config, client, tokenizer).
+The lifespan starts the engine client and waits for readiness in the background, so /health answers 503 while
+the model loads. A request: validate (schema.py) → identity → tokenize → length checks → AddRequest, then
+generation.py streams it. Every error is {"error": {message, type, param, code}} as vLLM writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine.protocol import AddRequest, Ready
+from server import sse
+from server.config import ServerConfig
+from server.generation import EngineClientLike, Generation, complete, run_unless_disconnected, sse_response
+from server.schema import GenerationParams, RequestError, parse_chat_request, parse_completion_request
+from server.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(
+    config: ServerConfig, client: EngineClientLike, tokenizer: Tokenizer | None = None
+) -> Starlette:
+    """tokenizer: given by tests; otherwise loaded from config.tokenizer_path during startup."""
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/engine/stats", engine_stats, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=_lifespan,
+        exception_handlers={
+            RequestError: _request_error_handler,
+            HTTPException: _http_error_handler,
+            Exception: _internal_error_handler,
+        },
+    )
+    app.state.config = config
+    app.state.client = client
+    app.state.tokenizer = tokenizer
+    app.state.startup_error = None  # str once startup failed; /health then says why
+    app.state.created = int(time.time())
+    return app
+
+
+# ---- lifespan --------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    startup = asyncio.create_task(_start(app))
+    try:
+        yield
+    finally:
+        startup.cancel()
+        await app.state.client.shutdown()
+
+
+async def _start(app: Starlette) -> None:
+    """Spawn the engine, then wait for its Ready while the tokenizer loads in a thread."""
+    config: ServerConfig = app.state.config
+    client: EngineClientLike = app.state.client
+    try:
+        client.start()
+        ready, app.state.tokenizer = await asyncio.gather(
+            client.wait_ready(config.ready_timeout_s), _load_tokenizer(app)
+        )
+        logger.info(
+            "ready: model %s on %s, max_model_len %d, %d KV blocks of %d, policy %s",
+            ready.model_name,
+            ready.device,
+            ready.max_model_len,
+            ready.num_kv_blocks,
+            ready.block_size,
+            ready.policy,
+        )
+    except Exception as exc:  # reported by /health and every request, and logged
+        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+        logger.exception("startup failed")
+
+
+async def _load_tokenizer(app: Starlette) -> Tokenizer:
+    if app.state.tokenizer is not None:
+        return app.state.tokenizer
+    return await asyncio.to_thread(Tokenizer.load, app.state.config.tokenizer_path)
+
+
+# ---- routes ----------------------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    if problem := _unavailable_reason(request.app):
+        return _error_response(RequestError(problem, status=503))
+    return _json({"status": "ok"})
+
+
+async def list_models(request: Request) -> Response:
+    _check_auth(request)
+    ready = _require_ready(request.app)
+    config: ServerConfig = request.app.state.config
+    created = request.app.state.created
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "kairos",
+            "root": config.tokenizer_path or None,
+            "parent": None,
+            "max_model_len": ready.max_model_len,
+        }
+        for name in config.served_model_names
+    ]
+    return _json({"object": "list", "data": data})
+
+
+async def engine_stats(request: Request) -> Response:
+    """The engine's latest EngineStats as JSON (free blocks, queue lengths, totals); Prometheus comes later."""
+    _check_auth(request)
+    _require_ready(request.app)
+    stats = request.app.state.client.latest_stats
+    if stats is None:
+        raise RequestError("the engine has not published stats yet", status=503)
+    return _json(dataclasses.asdict(stats))
+
+
+async def chat_completions(request: Request) -> Response:
+    arrival_time = time.time()
+    _check_auth(request)
+    _require_ready(request.app)
+    parsed = parse_chat_request(
+        await _read_json(request), request.headers, request.app.state.config.slo_classes
+    )
+    _check_model(request.app, parsed.params)
+    try:
+        prompt_ids = request.app.state.tokenizer.encode_chat(parsed.messages)
+    except Exception as exc:  # jinja2 TemplateError and friends: the conversation, not the server
+        raise RequestError(f"the chat template rejected the messages: {exc}", "messages") from exc
+    return await _generate(
+        request, "chatcmpl", prompt_ids, parsed.params, is_chat=True, arrival_time=arrival_time
+    )
+
+
+async def completions(request: Request) -> Response:
+    arrival_time = time.time()
+    _check_auth(request)
+    _require_ready(request.app)
+    parsed = parse_completion_request(
+        await _read_json(request), request.headers, request.app.state.config.slo_classes
+    )
+    _check_model(request.app, parsed.params)
+    tokenizer: Tokenizer = request.app.state.tokenizer
+    if parsed.prompt_token_ids is None:
+        prompt_ids = tokenizer.encode(parsed.prompt or "")
+    else:
+        prompt_ids = list(parsed.prompt_token_ids)
+        if (bad := max(prompt_ids)) >= tokenizer.vocab_size:
+            raise RequestError(f"token id {bad} is out of vocabulary (size {tokenizer.vocab_size})", "prompt")
+    return await _generate(
+        request, "cmpl", prompt_ids, parsed.params, is_chat=False, arrival_time=arrival_time
+    )
+
+
+# ---- one generation ----------------------------------------------------------------------------------
+
+
+async def _generate(
+    request: Request,
+    prefix: str,
+    prompt_ids: list[int],
+    params: GenerationParams,
+    is_chat: bool,
+    arrival_time: float,
+) -> Response:
+    app = request.app
+    ready = _require_ready(app)
+    max_tokens = _max_tokens(len(prompt_ids), params.max_tokens, ready.max_model_len, is_chat)
+    identity = params.identity
+    msg = AddRequest(
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        prompt_token_ids=prompt_ids,
+        sampling=params.sampling(max_tokens),
+        arrival_time=arrival_time,
+        tenant=identity.tenant,
+        app_id=identity.app_id,
+        slo_class=identity.slo_class,
+        priority=identity.priority,
+    )
+    output = app.state.tokenizer.output_text(prompt_ids, params.stop)
+    gen = Generation(msg, params, output, app.state.config.served_model_name, is_chat)
+    client: EngineClientLike = app.state.client
+    if params.stream:
+        return sse_response(client, gen)
+    body = await run_unless_disconnected(request, complete(client, gen))
+    return _json(body) if body is not None else Response(status_code=499)  # 499: nobody is listening
+
+
+def _max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: int, is_chat: bool) -> int:
+    where = "messages" if is_chat else "prompt"
+    if num_prompt_tokens == 0:
+        raise RequestError("the prompt is empty after tokenization", where)
+    if num_prompt_tokens >= max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
+            where,
+        )
+    if requested is None:
+        return max_model_len - num_prompt_tokens  # vLLM: whatever fits
+    if num_prompt_tokens + requested > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the {where}, {requested} in the "
+            f"completion). Please reduce the length of the {where} or completion.",
+            "max_tokens",
+        )
+    return requested
+
+
+# ---- checks and errors --------------------------------------------------------------------------------
+
+
+def _unavailable_reason(app: Starlette) -> str | None:
+    client: EngineClientLike = app.state.client
+    if app.state.startup_error:
+        return f"the server failed to start: {app.state.startup_error}"
+    if client.ready is None or app.state.tokenizer is None:
+        return "the model is loading"
+    if not client.is_alive:
+        return "the engine is not running"
+    return None
+
+
+def _require_ready(app: Starlette) -> Ready:
+    if problem := _unavailable_reason(app):
+        raise RequestError(problem, status=503)
+    return app.state.client.ready
+
+
+def _check_auth(request: Request) -> None:
+    key = request.app.state.config.api_key
+    if key and request.headers.get("authorization") != f"Bearer {key}":
+        raise RequestError("invalid or missing API key", status=401)
+
+
+def _check_model(app: Starlette, params: GenerationParams) -> None:
+    if params.model is not None and params.model not in app.state.config.served_model_names:
+        raise RequestError(f"The model `{params.model}` does not exist.", "model", status=404)
+
+
+async def _read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}") from exc
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
+    if exc.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return _json(sse.error_body(exc.message, exc.type, exc.param, exc.status), exc.status, headers)
+
+
+async def _request_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return _error_response(exc)
+
+
+async def _http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed"}
+    error = RequestError(message.get(exc.status_code, exc.detail), status=exc.status_code)
+    return _error_response(error, dict(exc.headers or {}))
+
+
+async def _internal_error_handler(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(RequestError(f"internal error: {type(exc).__name__}", status=500))

@@ -1,0 +1,188 @@
+"""`kairos` command line: `kairos serve ...` starts the OpenAI-compatible server with its engine process.
+
+Configs are built here, once, from the flags (frozen EngineConfig + ServerConfig). Other subcommands
+(`bench`, `simulate`) plug into `COMMANDS` when they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from engine.policy import POLICIES
+from server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    http = parser.add_argument_group("HTTP")
+    http.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
+    )
+    http.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    http.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="name(s) clients send as `model`; the first is echoed in responses "
+        "(default: the model directory's name, then the --model value)",
+    )
+    http.add_argument(
+        "--api-key", default=None, help="if set, require `Authorization: Bearer <key>` on /v1 routes"
+    )
+    http.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of the server and the engine process",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct, prepared on first use), 'tiny-random', or a local "
+        "Hugging Face directory of the Llama family",
+    )
+    model.add_argument(
+        "--max-model-len",
+        type=int,
+        default=0,
+        help="context length in tokens (prompt + output); 0 = the model's own, capped at 8192",
+    )
+    model.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight and KV dtype (on CPU float32 is fastest: reference/cpu-feasibility.md §2)",
+    )
+
+    sched = parser.add_argument_group("scheduler")
+    sched.add_argument(
+        "--policy",
+        default="vllm",
+        choices=sorted(POLICIES),
+        help="scheduling policy (DESIGN §4)",
+    )
+    sched.add_argument("--max-num-seqs", type=int, default=256, help="most requests running in one step")
+    sched.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step: prefill chunks plus one token per decoding request",
+    )
+    sched.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    sched.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix-cache block sharing")
+
+    device = parser.add_argument_group("device and memory")
+    device.add_argument(
+        "--devices", default="auto", help="'auto' (cuda if present, else cpu), 'cpu', 'cuda' or 'cuda:N'"
+    )
+    device.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="bytes for the KV pool, e.g. 512MiB; 0 = derive from the device budget",
+    )
+    budget = device.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--device-memory",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="memory budget per replica (weights + KV), e.g. 2GiB; the CPU budget",
+    )
+    budget.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        metavar="F",
+        help="fraction of the GPU's memory for weights + KV (0..1]",
+    )
+    device.add_argument(
+        "--num-threads", type=int, default=0, help="torch threads in the engine process; 0 = torch's default"
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.model_store import resolve_model
+    from server.app import build_app
+    from server.engine_client import EngineClient
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s kairos %(levelname)s %(name)s: %(message)s"
+    )
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
+    model_dir = resolve_model(args.model)  # the default model is downloaded and converted on first use
+    # Default names: the model directory's name (README: "smollm2-135m-instruct"), then --model as given.
+    names = tuple(args.served_model_name or dict.fromkeys([model_dir.name, args.model]))
+    engine_config = EngineConfig(
+        model=ModelConfig(
+            model=args.model, served_model_name=names[0], dtype=args.dtype, max_model_len=args.max_model_len
+        ),
+        scheduler=SchedulerConfig(
+            policy=args.policy,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        device=DeviceConfig(
+            device=args.devices,
+            kv_cache_memory=args.kv_cache_memory,
+            device_memory=args.device_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            num_threads=args.num_threads,
+        ),
+    )
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        served_model_names=names,
+        tokenizer_path=str(model_dir),
+        api_key=args.api_key,
+        log_level=args.log_level,
+    )
+    app = build_app(server_config, EngineClient(engine_config))
+    # uvicorn handles SIGINT/SIGTERM: it stops accepting, drains, then the lifespan shuts the engine down.
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    logger.info("serving %s (%s) on http://%s:%d", names[0], model_dir, args.host, args.port)
+    uvicorn.Server(uvicorn_config).run()
+    return 0
+
+
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "serve": ("run the OpenAI-compatible server", add_serve_arguments, serve),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kairos", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return COMMANDS[args.command][2](args)
