@@ -305,8 +305,9 @@ def table(results: dict[str, dict]) -> str:
     ]
     for label in SYSTEMS:
         r = results.get(label)
-        if r is None:
-            rows.append(f"| {label} | | not run yet | | | | | | | | | | |")
+        if r is None or "error" in r:
+            status = "not run yet" if r is None else f"failed: {r['error'][:80]}"
+            rows.append(f"| {label} | | {status} | | | | | | | | | | |")
             continue
         g = r.get
         ratio = f"{r['output_throughput'] / base:.2f}×" if base else "—"
@@ -338,7 +339,7 @@ def render(report: dict) -> str:
     ]
     lines.append(f"python -m loadgen.throughput_experiment {' '.join(report['argv'])}".rstrip())
     for label in SYSTEMS:
-        if r := results.get(label):
+        if (r := results.get(label)) and "error" not in r:
             lines += [f"# {label} ({r.get('date', '?')})"]
             lines += [f"{r['server_cmd']} &"] if "server_cmd" in r else []
             lines += [r["client_cmd"]]
@@ -408,11 +409,18 @@ def main(argv: list[str] | None = None) -> None:
         if label not in only:
             continue
         print(f"[{label}] load average {loadavg()}", flush=True)
-        if label == "hf-reference":
-            report["results"][label] = run_hf_reference(args, args.workdir)
-        else:
-            spec = kairos_spec(args) if label == "kairos" else vllm_spec(args)
-            report["results"][label] = run_server_system(args, spec, args.workdir)
+        try:
+            if label == "hf-reference":
+                report["results"][label] = run_hf_reference(args, args.workdir)
+            else:
+                spec = kairos_spec(args) if label == "kairos" else vllm_spec(args)
+                report["results"][label] = run_server_system(args, spec, args.workdir)
+        except (
+            RuntimeError,
+            subprocess.CalledProcessError,
+        ) as e:  # keep the sitting going for the other systems
+            print(f"[{label}] FAILED: {e}", flush=True)
+            report["results"][label] = {"error": str(e), "date": datetime.now(timezone.utc).isoformat()}
         write_report(report, args.out, args.md)  # after each system, so a crash later keeps what was measured
     print(table(report["results"]))
 
