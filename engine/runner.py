@@ -47,9 +47,9 @@ class ModelRunner:
         model_config: ModelConfig,
         device_config: DeviceConfig,
         block_size: int,
-        compile: bool | None = None,
+        decode_backend: str = "auto",
     ) -> None:
-        """compile: torch.compile the decode attention (None = env KAIROS_COMPILE, default on)."""
+        """decode_backend: one of engine.model.DECODE_BACKENDS; "auto" picks the fastest that works here."""
         self.device = pick_device(device_config.device)
         if device_config.num_threads > 0:
             torch.set_num_threads(device_config.num_threads)
@@ -60,7 +60,7 @@ class ModelRunner:
         dtype = _DTYPES[model_config.dtype]
         t0 = time.perf_counter()
         weights = load_weights(model_dir, dtype=dtype, device=self.device)
-        self.model = PagedLlama(weights, compile_decode=compile)
+        self.model = PagedLlama(weights, decode_backend)
         arch = weights.arch
         self.vocab_size = arch.vocab_size
         self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids

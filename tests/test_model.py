@@ -1,6 +1,7 @@
 """Our forward pass against Hugging Face transformers: logits, ragged varlen steps, greedy generation.
 
-Tiny random Llama and Qwen2 (q/k/v bias) checkpoints, fp32, eager (no torch.compile) for a fast start.
+Tiny random Llama and Qwen2 (q/k/v bias) checkpoints, fp32, with the default decode attention
+(the C kernel on CPU); tests/test_reference_kernels.py checks every backend against the reference.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def hf_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_runner(model_dir: Path, num_blocks: int = 512) -> ModelRunner:
+def make_runner(model_dir: Path, num_blocks: int = 512, decode_backend: str = "auto") -> ModelRunner:
     bytes_per_block = 2 * 2 * BLOCK_SIZE * 2 * 16 * 4  # layers x (k, v) x tokens x KV heads x head_dim x fp32
     config = DeviceConfig(device="cpu", kv_cache_memory=num_blocks * bytes_per_block)
-    runner = ModelRunner(ModelConfig(model=str(model_dir)), config, BLOCK_SIZE, compile=False)
+    runner = ModelRunner(ModelConfig(model=str(model_dir)), config, BLOCK_SIZE, decode_backend)
     assert runner.num_kv_blocks == num_blocks
     return runner
 
@@ -84,9 +85,10 @@ def test_prefill_logits_match_hf(model_dir: Path, hf_model) -> None:
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_ragged_step_with_cached_prefix_and_decodes(model_dir: Path, hf_model) -> None:
+@pytest.mark.parametrize("decode_backend", ["auto", "eager"])
+def test_ragged_step_with_cached_prefix_and_decodes(model_dir: Path, hf_model, decode_backend: str) -> None:
     """One step mixing: a chunk after a cached prefix, a fresh prompt, a one-token chunk, and decodes."""
-    runner = make_runner(model_dir)
+    runner = make_runner(model_dir, decode_backend=decode_backend)
     rng, pool = random.Random(1), BlockPool(runner.num_kv_blocks, seed=1)
     seqs = {
         name: random_prompt(rng, n)

@@ -61,7 +61,6 @@ def test_greedy_matches_hf_generate(model_dir) -> None:
         ModelConfig(model=str(model_dir)),
         DeviceConfig(device="cpu", kv_cache_memory=64 * 2**20),
         BLOCK_SIZE,
-        compile=False,
     )
     greedy = SamplingParams(temperature=0.0, max_tokens=NUM_NEW)
     # Blocks handed out back to front, interleaved between requests, so tables are non-contiguous.

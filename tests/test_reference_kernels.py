@@ -3,10 +3,12 @@ and the serving paths of engine/model.py against kernels/reference.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.model import ForwardBatch, decode_attention, decode_attention_eager, prefill_attention
+from kernels import cpu_paged_attention
 from kernels.reference import paged_decode_attention, paged_prefill_attention, store_kv
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 6, 2, 24, 5, 64
@@ -90,15 +92,50 @@ def test_prefill_single_token_equals_decode() -> None:
     torch.testing.assert_close(decode, prefill)
 
 
-def test_model_decode_paths_match_reference() -> None:
-    """decode_attention (the torch.compile'd form, run eagerly here) and its eager SDPA fallback."""
-    contexts = [1, 7, 23, 5, 11, 40]
+@pytest.mark.parametrize("contexts", [[1, 7, 23, 5, 11, 40], [1], [64, 3]])
+def test_decode_backends_match_reference(contexts: list[int]) -> None:
+    """engine/model.py's eager fallback, the compile-able form (run eagerly) and the C kernel."""
     k_cache, v_cache, tables, _, _ = _paged(contexts, seed=3)
     tables, lens = tables.long(), torch.tensor(contexts)
     q = torch.randn(len(contexts), NUM_HEADS, HEAD_DIM)
     ref = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.2)
     torch.testing.assert_close(decode_attention(q, k_cache, v_cache, tables, lens, 0.2), ref)
     torch.testing.assert_close(decode_attention_eager(q, k_cache, v_cache, tables, lens, 0.2), ref)
+    if cpu_paged_attention.available(HEAD_DIM, NUM_HEADS // NUM_KV_HEADS):
+        torch.testing.assert_close(
+            cpu_paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.2), ref
+        )
+
+
+def test_cpu_kernel_reads_only_the_table() -> None:
+    """Blocks outside a request's table may hold NaN (freed, never written): they must not leak in."""
+    contexts = [13, 2]
+    k_cache, v_cache, tables, _, _ = _paged(contexts, seed=5)
+    if not cpu_paged_attention.available(HEAD_DIM, NUM_HEADS // NUM_KV_HEADS):
+        pytest.skip("no C compiler")
+    used = set(tables[0, :3].tolist()) | set(tables[1, :1].tolist())
+    for b in range(NUM_BLOCKS):
+        if b not in used:
+            k_cache[b] = float("nan")
+            v_cache[b] = float("nan")
+    k_cache[tables[0, 2], 3:] = float("nan")  # slots past context_len inside the last block
+    q = torch.randn(2, NUM_HEADS, HEAD_DIM)
+    out = cpu_paged_attention.paged_decode_attention(
+        q, k_cache, v_cache, tables.long(), torch.tensor(contexts), 0.2
+    )
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_reference() -> None:
+    """The torch.compile path (inductor; ~10 s to compile), on two shapes so automatic dynamic kicks in."""
+    compiled = torch.compile(decode_attention)
+    for contexts in ([1, 7, 23, 5, 11, 40], [9, 30, 2]):
+        k_cache, v_cache, tables, _, _ = _paged(contexts, seed=6)
+        tables, lens = tables.long(), torch.tensor(contexts)
+        q = torch.randn(len(contexts), NUM_HEADS, HEAD_DIM)
+        ref = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.2)
+        torch.testing.assert_close(compiled(q, k_cache, v_cache, tables, lens, 0.2), ref)
 
 
 def test_model_prefill_path_matches_reference() -> None:
