@@ -285,9 +285,9 @@ class PagedLlama:
         q, k, v = q.view(num_tokens, nh, d), k.view(num_tokens, nkv, d), v.view(num_tokens, nkv, d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        kv_rows = k_cache.view(-1, nkv, d)  # [N * block_size, KVH, D]: row index == slot
-        kv_rows[batch.slot_mapping] = k
-        v_cache.view(-1, nkv, d)[batch.slot_mapping] = v
+        # [N * block_size, KVH, D] views: row index == slot. index_copy_ is a row memcpy; index_put_ is not.
+        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
 
         p = batch.num_prefill_tokens
         if p == num_tokens:

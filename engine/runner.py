@@ -6,6 +6,7 @@ nothing else survives a step. The scheduler owns block tables: the runner writes
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -35,6 +36,19 @@ _DTYPES = {
 }
 
 
+def keep_freed_memory_in_heap() -> bool:
+    """glibc hands every freed block over its mmap threshold (32 MiB at most by default) back to the OS, so each
+    step's large activations (logits, gathered K/V) are page-faulted in again: a 250 MB gather took 28 ms instead
+    of 4.6 ms. Raise both thresholds so freed memory is reused, as vLLM gets from tcmalloc. Process-wide: call it
+    in the engine process only. Returns False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def pick_device(spec: str) -> str:
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +65,8 @@ class ModelRunner:
     ) -> None:
         """decode_backend: one of engine.model.DECODE_BACKENDS; "auto" picks the fastest that works here."""
         self.device = pick_device(device_config.device)
+        if self.device == "cpu":
+            keep_freed_memory_in_heap()
         if device_config.num_threads > 0:
             torch.set_num_threads(device_config.num_threads)
         model_dir = resolve_model(model_config.model)
