@@ -168,10 +168,21 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from loadgen.cli import main as loadgen_main  # HTTP-only load generator; its own parser and errors
+
+    return loadgen_main(args.argv)
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "serve": ("run the OpenAI-compatible server", add_serve_arguments, serve),
+    "bench": (
+        "load generator: `kairos bench run --help` (same as `python -m loadgen`)",
+        lambda p: p.add_argument("argv", nargs=argparse.REMAINDER, help="`run ...` or `plan ...`"),
+        bench,
+    ),
 }
 
 
