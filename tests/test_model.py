@@ -171,3 +171,76 @@ def test_greedy_generation_matches_hf(model_dir: Path, hf_model) -> None:
     ours = generate(runner, prompts, num_new=64)
     for prompt, got in zip(prompts, ours, strict=True):
         assert got == hf_greedy(hf_model, prompt, 64)
+
+
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=1 << 20)
+
+
+def run_one(
+    runner: ModelRunner,
+    prompt: list[int],
+    num_new: int,
+    *,
+    request_id: str = "s",
+    companions: int = 0,
+    preempt_at: int = -1,
+    first_block: int = 0,
+) -> list[int]:
+    """Sample num_new tokens for one seeded request, optionally beside unseeded companions (sharing its steps),
+    and optionally preempted (recompute) after preempt_at tokens: its blocks are dropped and it is re-prefilled."""
+    tokens, out = list(prompt), []
+    table: list[int] = []
+    next_block = first_block
+    computed = 0
+    preempted: list[str] = []
+    rng = random.Random(9)
+    while len(out) < num_new:
+        while len(table) * BLOCK_SIZE < len(tokens):
+            table.append(next_block)
+            next_block += 1
+        scheduled = [
+            ScheduledRequest(request_id, tokens[computed:], computed, list(table), SEEDED, True, len(out))
+        ]
+        for c in range(companions):  # fresh unseeded prompts in blocks far away, every step
+            blocks = [400 + 4 * c + i for i in range(4)]
+            scheduled.append(
+                ScheduledRequest(f"c{c}", random_prompt(rng, 9), 0, blocks, SamplingParams(), True)
+            )
+        sampled = runner.execute(
+            SchedulerOutput(
+                scheduled,
+                finished_request_ids=[f"c{c}" for c in range(companions)],
+                preempted_request_ids=preempted,
+            )
+        ).sampled
+        preempted = []
+        tokens.append(sampled[request_id])
+        out.append(sampled[request_id])
+        computed = len(tokens) - 1
+        if len(out) == preempt_at:  # recompute preemption: the KV is gone, the generator is not
+            table, computed, preempted = [], 0, [request_id]
+            next_block += 50
+    return out
+
+
+def test_seeded_sampling_is_reproducible_through_the_runner(tiny_llama_dir: Path) -> None:
+    runner = make_runner(tiny_llama_dir)
+    prompt = random_prompt(random.Random(5), 12)
+    alone = run_one(runner, prompt, 24)
+    runner.execute(SchedulerOutput([], finished_request_ids=["s"]))
+    assert len(set(alone)) > 3  # really sampled, not greedy
+    with_companions = run_one(runner, prompt, 24, companions=3)
+    runner.execute(SchedulerOutput([], finished_request_ids=["s"]))
+    assert with_companions == alone
+    preempted = run_one(runner, prompt, 24, preempt_at=10, first_block=100)
+    assert preempted == alone
+
+
+def test_finished_request_drops_its_generator(tiny_llama_dir: Path) -> None:
+    runner = make_runner(tiny_llama_dir)
+    prompt = random_prompt(random.Random(6), 7)
+    first = run_one(runner, prompt, 8)
+    continued = run_one(runner, prompt, 8)  # same id, not finished: the generator goes on
+    runner.execute(SchedulerOutput([], finished_request_ids=["s"]))
+    restarted = run_one(runner, prompt, 8)
+    assert restarted == first and continued != first
