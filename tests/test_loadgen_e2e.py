@@ -1,0 +1,87 @@
+"""loadgen against a real Kairos (`python -m server serve`, default model): a chat replay of ShareGPT prompts and
+a chained agent-session replay with token-id prompts, a few requests with small max_tokens each."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from loadgen.cli import main
+from loadgen.datasets import DEFAULT_DATA_DIR
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not DEFAULT_DATA_DIR.is_dir(), reason="needs ../shared/data"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def kairos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("loadgen-e2e") / "server.log"
+    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--model", "default"]
+    cmd += ["--max-model-len", "2048", "--kv-cache-memory", "128MiB"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"server exited:\n{log_path.read_text(errors='replace')[-3000:]}"
+            assert time.monotonic() < deadline, "server did not become healthy"
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run(base_url: str, out: Path, *args: str) -> dict:
+    argv = ["run", "--base-url", base_url, "--max-model-len", "512", "--max-tokens", "4", "--json", str(out)]
+    assert main([*argv, "--no-progress", "--goodput", "ttft:60000", *args]) == 0
+    return orjson.loads(out.read_bytes())
+
+
+def test_sharegpt_chat_replay(kairos: str, tmp_path: Path) -> None:
+    report = run(kairos, tmp_path / "sharegpt.json", "--workload", "sharegpt", "--num-requests", "2")
+    assert report["completed"] == 2 and report["failed"] == 0 and report["backend"] == "openai-chat"
+    assert 0 < report["total_output_tokens"] <= 2 * 4  # no ignore_eos: SmolLM2 may stop early
+    assert report["mean_ttft_ms"] > 0 and report["request_goodput"] > 0
+    assert report["model_id"]  # taken from GET /v1/models
+
+
+def test_agent_sessions_replay(kairos: str, tmp_path: Path) -> None:
+    args = ["--workload", "agents", "--num-requests", "3", "--time-scale", "0.01"]
+    report = run(kairos, tmp_path / "agents.json", *args)
+    assert report["completed"] == 3 and report["backend"] == "openai"
+    # token-id prompts with ignore_eos: Kairos counts exactly what was planned
+    assert report["total_input_tokens"] == sum(r["prompt_tokens"] for r in report["requests"])
+    assert report["total_output_tokens"] == sum(r["max_tokens"] for r in report["requests"])
+    assert len(report["per_app"]) >= 1 and report["app_completion_s"]["mean"] > 0
+    assert report["jain_index_final"] == pytest.approx(1.0)
