@@ -86,14 +86,8 @@ class KVCache:
     def bytes_per_block(
         num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        return (
-            2
-            * num_layers
-            * block_size
-            * num_kv_heads
-            * head_dim
-            * torch.empty((), dtype=dtype).element_size()
-        )
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size  # K and V
 
 
 # ---- attention -----------------------------------------------------------------------------------------------
@@ -203,6 +197,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. With bf16 weights (--dtype bfloat16) the matmul runs in bf16 and the fp32 activations
+    are cast around it, autocast-style: on CPUs with AVX512-BF16 that GEMM is ~4x faster than fp32."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return out if bias is None else out + bias
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -235,7 +238,8 @@ class PagedLlama:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.weights.embed.dtype
+        """Activations, norms and the KV cache: fp32 always. The weights may be bf16: see linear()."""
+        return torch.float32
 
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
@@ -258,12 +262,12 @@ class PagedLlama:
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:  # [R, vocab] fp32 logits
         w = self.weights
-        h = F.embedding(batch.token_ids, w.embed)  # [T, hidden]
+        h = F.embedding(batch.token_ids, w.embed).to(self.dtype)  # [T, hidden]
         cos, sin = self.rope(batch.positions)
         for i, layer in enumerate(w.layers):
             h = self._layer(h, layer, kv.k[i], kv.v[i], cos, sin, batch)
         h = rms_norm(h[batch.logits_indices], w.norm, self.arch.rms_norm_eps)
-        return F.linear(h, w.lm_head).float()
+        return linear(h, w.lm_head).float()
 
     __call__ = forward
 
@@ -280,7 +284,7 @@ class PagedLlama:
         num_tokens = h.shape[0]
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = rms_norm(h, layer.input_norm, self.arch.rms_norm_eps)
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) * D]
+        qkv = linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) * D]
         q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
         q, k, v = q.view(num_tokens, nh, d), k.view(num_tokens, nkv, d), v.view(num_tokens, nkv, d)
         q = q * cos + rotate_half(q) * sin
@@ -310,7 +314,7 @@ class PagedLlama:
                     ),
                 ]
             )
-        h = h + F.linear(attn.reshape(num_tokens, nh * d), layer.o_proj, layer.o_bias)
+        h = h + linear(attn.reshape(num_tokens, nh * d), layer.o_proj, layer.o_bias)
         x = rms_norm(h, layer.post_norm, self.arch.rms_norm_eps)
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, layer.down)
+        gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
+        return h + linear(F.silu(gate) * up, layer.down)

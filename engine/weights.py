@@ -148,6 +148,7 @@ def rope_inv_freq(arch: ModelArch) -> tuple[torch.Tensor, float]:
 
 
 def load_weights(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelWeights:
+    """dtype is the matmul dtype (every projection, the embedding and lm_head); norms and biases stay fp32."""
     model_dir = Path(model_dir)
     arch = read_arch(model_dir)
     shards = sorted(model_dir.glob("*.safetensors"))
@@ -158,10 +159,14 @@ def load_weights(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
         raw.update(load_file(shard))
 
     def take(name: str) -> torch.Tensor:
-        return raw.pop(name).to(device=device, dtype=dtype)
+        # Matrices in the matmul dtype; norms and biases (tiny) stay fp32, like the activations they act on.
+        return raw.pop(name).to(device=device, dtype=dtype if name.endswith("proj.weight") else torch.float32)
 
     def maybe(name: str) -> torch.Tensor | None:
         return take(name) if name in raw else None
+
+    def matrix(name: str) -> torch.Tensor:
+        return raw.pop(name).to(device=device, dtype=dtype)
 
     layers = []
     for i in range(arch.num_layers):
@@ -181,8 +186,8 @@ def load_weights(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
                 down=take(f"{p}mlp.down_proj.weight"),
             )
         )
-    embed = take("model.embed_tokens.weight")
-    lm_head = maybe("lm_head.weight")
+    embed = matrix("model.embed_tokens.weight")
+    lm_head = matrix("lm_head.weight") if "lm_head.weight" in raw else None
     if lm_head is None or arch.tie_word_embeddings:
         lm_head = embed
     weights = ModelWeights(
