@@ -94,3 +94,16 @@ def test_chained_request_waits_for_its_predecessor() -> None:
     with fake_server(FakeBehavior(ttft_s=0.05, itl_s=0.01)) as server:
         results, _ = run(server.base_url, requests)
     assert results[1].start_s - results[0].end_s == pytest.approx(0.2, abs=TOL_S)
+
+
+def test_progress_bar_draws_counts() -> None:
+    import io
+
+    from loadgen.client import Progress, RequestResult
+
+    stream = io.StringIO()
+    progress = Progress(2, enabled=True, stream=stream)
+    progress.update(RequestResult(0, "t", "", "interactive", 1, 1, status="ok"))
+    progress.update(RequestResult(1, "t", "", "interactive", 1, 1, status="429"))
+    progress.close()
+    assert "2/2 ok 1 failed 1" in stream.getvalue() and stream.getvalue().endswith("\n")
