@@ -4,12 +4,13 @@ TTFT, TPOT, ITL, E2E, goodput and Jain's index (±30 ms for timing noise on a sh
 from __future__ import annotations
 
 import asyncio
+import io
 import statistics
 
 import pytest
 from fake_openai_server import MODEL, FakeBehavior, fake_server
 
-from loadgen.client import ClientConfig, first_model, run_plan
+from loadgen.client import ClientConfig, Progress, RequestResult, first_model, run_plan
 from loadgen.plan import PlannedRequest
 from loadgen.report import build_report
 
@@ -97,10 +98,6 @@ def test_chained_request_waits_for_its_predecessor() -> None:
 
 
 def test_progress_bar_draws_counts() -> None:
-    import io
-
-    from loadgen.client import Progress, RequestResult
-
     stream = io.StringIO()
     progress = Progress(2, enabled=True, stream=stream)
     progress.update(RequestResult(0, "t", "", "interactive", 1, 1, status="ok"))
