@@ -43,6 +43,7 @@ class BlockManager:
         self._num_registered: dict[
             str, int
         ] = {}  # request_id -> number of its blocks registered in the cache
+        self._num_cached_free = 0  # free blocks that still hold a hash (kept exact on every transition)
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
 
@@ -51,6 +52,11 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_queue)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks whose prefix-cache content is still there: hits until evicted (counted in free)."""
+        return self._num_cached_free
 
     @property
     def num_used_blocks(self) -> int:
@@ -146,6 +152,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_queue[block_id]
+                self._num_cached_free -= block.hash is not None  # a cache hit: always true in practice
             block.ref_count += 1
         request.block_ids.extend(computed_block_ids)
         if computed_block_ids:
@@ -161,6 +168,7 @@ class BlockManager:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # evict: this block's cached content is gone
+            self._num_cached_free -= 1
             if self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]
             block.hash = None
@@ -179,6 +187,8 @@ class BlockManager:
                 self.free_queue[block_id] = None
                 if block.hash is None:
                     self.free_queue.move_to_end(block_id, last=False)
+                else:
+                    self._num_cached_free += 1
         request.block_ids = []
         self._num_registered.pop(request.request_id, None)
 
@@ -186,6 +196,7 @@ class BlockManager:
         for block_id in self.free_queue:
             self.blocks[block_id].hash = None
             self.blocks[block_id].token_ids = ()
+        self._num_cached_free = 0
         self.hash_to_block_id = {h: b for h, b in self.hash_to_block_id.items() if self.blocks[b].hash == h}
 
     # ---- invariants --------------------------------------------------------------------------------------
@@ -198,6 +209,8 @@ class BlockManager:
             assert (block.ref_count == 0) == (block.block_id in self.free_queue), (
                 f"free queue disagrees on {block}"
             )
+        num_cached_free = sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
+        assert self._num_cached_free == num_cached_free, f"{self._num_cached_free=} != {num_cached_free}"
         for h, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == h, f"hash map points at block {block_id} with another hash"
         if live_requests is None:

@@ -20,10 +20,12 @@ import orjson
 from engine.protocol import (
     Abort,
     AddRequest,
+    BatchComposition,
     EngineError,
     EngineStats,
     EngineToServer,
     FinishReason,
+    QueueStat,
     Ready,
     SamplingParams,
     ServerToEngine,
@@ -133,6 +135,18 @@ _STATS_TOTALS = (
 )
 
 
+_BATCH_FIELDS = ("num_prefill_requests", "num_prefill_tokens", "num_decode_requests", "num_decode_tokens")
+_QUEUE_NAMES = ("tenant", "app_id", "slo_class")
+_QUEUE_COUNTS = ("num_waiting", "num_running", "num_kv_blocks")
+_QUEUE_FIELDS = _QUEUE_NAMES + _QUEUE_COUNTS
+
+
+def _queue_stat_of(f: list) -> QueueStat:
+    names = dict(zip(_QUEUE_NAMES, map(str, f[:3]), strict=True))
+    counts = dict(zip(_QUEUE_COUNTS, map(int, f[3:]), strict=True))
+    return QueueStat(**names, **counts)
+
+
 def _fields_of_stats(m: EngineStats) -> list:
     return [
         m.timestamp,
@@ -141,6 +155,9 @@ def _fields_of_stats(m: EngineStats) -> list:
         *(getattr(m, name) for name in _STATS_TOTALS),
         m.last_step_seconds,
         m.extra,
+        m.num_cached_free_blocks,
+        [getattr(m.batch, name) for name in _BATCH_FIELDS],
+        [[getattr(q, name) for name in _QUEUE_FIELDS] for q in m.queues],
     ]
 
 
@@ -155,6 +172,9 @@ def _stats_of(f: list) -> EngineStats:
         **totals,
         last_step_seconds=_float(f[13]),
         extra=extra,
+        num_cached_free_blocks=int(f[15]),
+        batch=BatchComposition(**dict(zip(_BATCH_FIELDS, map(int, f[16]), strict=True))),
+        queues=[_queue_stat_of(q) for q in f[17]],
     )
 
 
@@ -164,7 +184,7 @@ _JSON_LAYOUTS: dict[int, tuple[type, int, Callable[[Any], list], Callable[[list]
     TAG_ABORT: (Abort, 1, lambda m: [m.request_ids], lambda f: Abort(request_ids=list(f[0]))),
     TAG_SHUTDOWN: (Shutdown, 1, lambda m: [m.reason], lambda f: Shutdown(reason=f[0])),
     TAG_READY: (Ready, 6, _fields_of_ready, _ready_of),
-    TAG_ENGINE_STATS: (EngineStats, 15, _fields_of_stats, _stats_of),
+    TAG_ENGINE_STATS: (EngineStats, 18, _fields_of_stats, _stats_of),
     TAG_ENGINE_ERROR: (EngineError, 1, lambda m: [m.message], lambda f: EngineError(message=f[0])),
 }
 _JSON_TAG_OF_TYPE = {layout[0]: tag for tag, layout in _JSON_LAYOUTS.items()}
@@ -174,10 +194,11 @@ _JSON_TAG_OF_TYPE = {layout[0]: tag for tag, layout in _JSON_LAYOUTS.items()}
 #
 #   batch:  u8 tag | u32 num_deltas | delta * num_deltas
 #   delta:  u32 len(request_id utf-8) | i8 finish_reason (-1 = None) | u32 num_tokens | u32 num_prompt_tokens
-#           | u32 num_cached_tokens | u32 len(error utf-8) | request_id bytes | error bytes | i32 * num_tokens
+#           | u32 num_cached_tokens | u32 len(error utf-8) | f64 queue_seconds
+#           | request_id bytes | error bytes | i32 * num_tokens
 
 _BATCH_HEAD = struct.Struct("<BI")
-_DELTA_HEAD = struct.Struct("<IbIIII")
+_DELTA_HEAD = struct.Struct("<IbIIIId")
 _SWAP = sys.byteorder != "little"  # the wire is little-endian int32; array() is native
 assert array("i").itemsize == 4
 
@@ -193,7 +214,13 @@ def _encode_batch(batch: TokenDeltaBatch) -> bytes:
             tokens.byteswap()
         parts += (
             _DELTA_HEAD.pack(
-                len(rid), finish, len(tokens), d.num_prompt_tokens, d.num_cached_tokens, len(error)
+                len(rid),
+                finish,
+                len(tokens),
+                d.num_prompt_tokens,
+                d.num_cached_tokens,
+                len(error),
+                d.queue_seconds,
             ),
             rid,
             error,
@@ -206,7 +233,8 @@ def _decode_batch(view: memoryview) -> TokenDeltaBatch:
     (_, num_deltas), offset = _BATCH_HEAD.unpack_from(view, 0), _BATCH_HEAD.size
     deltas = []
     for _ in range(num_deltas):
-        rid_len, finish, num_tokens, num_prompt, num_cached, error_len = _DELTA_HEAD.unpack_from(view, offset)
+        head = _DELTA_HEAD.unpack_from(view, offset)
+        rid_len, finish, num_tokens, num_prompt, num_cached, error_len, queue_seconds = head
         offset += _DELTA_HEAD.size
         end = offset + rid_len + error_len + 4 * num_tokens
         if end > len(view):
@@ -218,7 +246,7 @@ def _decode_batch(view: memoryview) -> TokenDeltaBatch:
         if _SWAP:
             tokens.byteswap()
         reason = None if finish < 0 else FinishReason(finish)
-        deltas.append(TokenDelta(rid, tokens.tolist(), reason, num_prompt, num_cached, error))
+        deltas.append(TokenDelta(rid, tokens.tolist(), reason, num_prompt, num_cached, error, queue_seconds))
         offset = end
     if offset != len(view):
         raise CodecError(f"TokenDeltaBatch: {len(view) - offset} trailing bytes")

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Protocol
 
 from engine.batch import ModelOutput, SchedulerOutput
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.policy import make_policy
-from engine.protocol import AddRequest, EngineStats, Ready, TokenDelta
+from engine.protocol import AddRequest, BatchComposition, EngineStats, QueueStat, Ready, TokenDelta
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+MAX_QUEUE_STATS = 64  # (tenant, app, class) groups per EngineStats; the rest merge into "other" per class
 
 
 class Runner(Protocol):
@@ -88,6 +91,9 @@ class EngineCore:
             prefix_cache_hits_total=blocks.prefix_cache_hits,
             num_steps_total=scheduler.num_steps_total,
             last_step_seconds=self._last_step_seconds,
+            num_cached_free_blocks=blocks.num_cached_free_blocks,
+            batch=scheduler.last_batch if scheduler.running else BatchComposition(),
+            queues=queue_stats(scheduler.waiting, scheduler.running),
         )
 
     def ready_message(self) -> Ready:
@@ -99,6 +105,29 @@ class EngineCore:
             device=self.runner.device,
             policy=self.scheduler.policy.name,
         )
+
+
+def queue_stats(
+    waiting: Iterable[Request], running: Iterable[Request], max_groups: int = MAX_QUEUE_STATS
+) -> list[QueueStat]:
+    """Requests grouped by (tenant, app, SLO class), the most requests first. Past `max_groups` groups the
+    rest merge into one ("other", "other", class) group per class, so class totals stay exact."""
+    counts: dict[tuple[str, str, str], list[int]] = {}  # key -> [waiting, running, kv blocks]
+    for column, requests in ((0, waiting), (1, running)):
+        for r in requests:
+            app_id = "" if r.app_id == r.request_id else r.app_id  # no app id given: one bucket, not N
+            row = counts.setdefault((r.tenant, app_id, r.slo_class), [0, 0, 0])
+            row[column] += 1
+            row[2] += len(r.block_ids)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1][0] - kv[1][1], -kv[1][2], kv[0]))
+    others: dict[str, list[int]] = {}
+    for (_, _, slo_class), row in ranked[max_groups:]:
+        merged = others.setdefault(slo_class, [0, 0, 0])
+        for i, n in enumerate(row):
+            merged[i] += n
+    groups = [(*key, *row) for key, row in ranked[:max_groups]]
+    groups += [("other", "other", slo_class, *row) for slo_class, row in sorted(others.items())]
+    return [QueueStat(*group) for group in groups]
 
 
 def build_scheduler(config: EngineConfig, runner: Runner) -> Scheduler:

@@ -99,6 +99,7 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     error: str = ""  # set with FinishReason.ERROR
+    queue_seconds: float = 0.0  # on the delta with the first output token: engine intake → first scheduled
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,29 @@ class TokenDeltaBatch:
     """All deltas of one engine step: one message, one wake-up."""
 
     deltas: list[TokenDelta]
+
+
+@dataclass(frozen=True)
+class QueueStat:
+    """The requests of one (tenant, application, SLO class) in the engine now."""
+
+    tenant: str
+    app_id: str  # "" = requests sent without an app id (each its own app), merged; "other" past the cap
+    slo_class: str
+    num_waiting: int = 0
+    num_running: int = 0
+    num_kv_blocks: int = 0  # blocks held, per request: a shared prefix block counts once per holder
+
+
+@dataclass(frozen=True)
+class BatchComposition:
+    """The batch scheduled last while requests run (all zeros when none runs). A prefill is a prompt chunk,
+    or the recompute of a preempted request; a decode is one token of a request past its prefill."""
+
+    num_prefill_requests: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_requests: int = 0
+    num_decode_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +151,9 @@ class EngineStats:
     num_steps_total: int
     last_step_seconds: float
     extra: dict[str, float] = field(default_factory=dict)  # policy-specific gauges (name -> value)
+    num_cached_free_blocks: int = 0  # free blocks still holding prefix-cache content (evicted last); ≤ free
+    batch: BatchComposition = field(default_factory=BatchComposition)
+    queues: list[QueueStat] = field(default_factory=list)  # by (tenant, app, class), largest first, capped
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ Token bookkeeping (P prompt tokens, O output tokens so far):
 
 from __future__ import annotations
 
+import time
 from enum import IntEnum
 
 from engine.protocol import AddRequest, FinishReason, SamplingParams
@@ -77,6 +78,8 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.error = ""
+        self.queued_time = time.monotonic()  # engine intake (monotonic s): queue time counts from here
+        self.first_scheduled_time: float | None = None  # first admission into the running batch
 
     @classmethod
     def from_message(cls, msg: AddRequest) -> Request:
@@ -122,6 +125,13 @@ class Request:
         return self.status.is_finished
 
     @property
+    def queue_seconds(self) -> float:
+        """Intake → first admission (vLLM's queue time); 0 until the request is first scheduled."""
+        if self.first_scheduled_time is None:
+            return 0.0
+        return self.first_scheduled_time - self.queued_time
+
+    @property
     def max_total_tokens(self) -> int:
         """Prompt plus every output token it may still produce: the KV it can ever need."""
         return self.num_prompt_tokens + self.sampling.max_tokens
@@ -149,6 +159,11 @@ class Request:
         if self.num_output_tokens >= sampling.max_tokens or self.num_tokens >= max_model_len:
             return FinishReason.LENGTH
         return None
+
+    def mark_scheduled(self, now: float) -> None:
+        """Admitted into the running batch at `now` (monotonic s); only the first admission counts."""
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = now
 
     def finish(self, reason: FinishReason, error: str = "") -> None:
         self.status = _STATUS_OF_REASON[reason]

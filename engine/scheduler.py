@@ -13,12 +13,13 @@ One step:
 from __future__ import annotations
 
 import logging
+import time
 
 from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.policy import SchedulingPolicy
-from engine.protocol import FinishReason, TokenDelta
+from engine.protocol import BatchComposition, FinishReason, TokenDelta
 from engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Scheduler:
         self.num_prompt_tokens_total = 0  # prompt tokens computed (cache hits excluded, recompute included)
         self.num_generation_tokens_total = 0
         self.num_steps_total = 0
+        self.last_batch = BatchComposition()  # what the last schedule() put in the batch
 
     # ---- intake ------------------------------------------------------------------------------------------
 
@@ -129,6 +131,7 @@ class Scheduler:
                 scheduled_ids.add(request.request_id)
                 budget -= scheduled[-1].num_tokens
 
+        self.last_batch = self._composition(scheduled)
         finished_ids, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(scheduled, finished_ids, [r.request_id for r in preempted])
 
@@ -144,6 +147,7 @@ class Scheduler:
         if request.status == RequestStatus.WAITING:  # first admission: count the prefix lookup once
             self.block_manager.record_prefix_lookup(request.num_prompt_tokens, num_cached)
             request.num_cached_tokens = num_cached
+            request.mark_scheduled(time.monotonic())
         request.num_computed_tokens = num_cached
         request.status = RequestStatus.RUNNING
         self.waiting.remove(request)
@@ -161,6 +165,17 @@ class Scheduler:
             sampling=request.sampling,
             needs_sample=start + num_new == request.num_tokens,
             num_generated=request.num_output_tokens,
+        )
+
+    def _composition(self, scheduled: list[ScheduledRequest]) -> BatchComposition:
+        """Called before update(), while a scheduled request's progress still tells prefill from decode."""
+        prefill = [s for s in scheduled if self.requests[s.request_id].is_prefilling]
+        num_prefill_tokens = sum(s.num_tokens for s in prefill)
+        return BatchComposition(
+            num_prefill_requests=len(prefill),
+            num_prefill_tokens=num_prefill_tokens,
+            num_decode_requests=len(scheduled) - len(prefill),
+            num_decode_tokens=sum(s.num_tokens for s in scheduled) - num_prefill_tokens,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -204,6 +219,7 @@ class Scheduler:
         self._finished_ids.append(request.request_id)
 
     def _delta(self, request: Request, token_ids: list[int]) -> TokenDelta:
+        is_first_token = bool(token_ids) and request.num_output_tokens == len(token_ids)
         return TokenDelta(
             request.request_id,
             token_ids,
@@ -211,6 +227,7 @@ class Scheduler:
             request.num_prompt_tokens,
             request.num_cached_tokens,
             request.error,
+            request.queue_seconds if is_first_token else 0.0,
         )
 
     # ---- checks ------------------------------------------------------------------------------------------

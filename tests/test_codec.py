@@ -13,9 +13,11 @@ from engine.codec import CodecError, decode, encode
 from engine.protocol import (
     Abort,
     AddRequest,
+    BatchComposition,
     EngineError,
     EngineStats,
     FinishReason,
+    QueueStat,
     Ready,
     SamplingParams,
     Shutdown,
@@ -67,6 +69,7 @@ FULL_MESSAGES = [
                 num_prompt_tokens=12,
                 num_cached_tokens=8,
                 error="e",
+                queue_seconds=0.125,
             )
         ]
     ),
@@ -86,6 +89,14 @@ FULL_MESSAGES = [
         num_steps_total=11,
         last_step_seconds=0.012,
         extra={"virtual_time": 3.5, "num_groups": 2.0},
+        num_cached_free_blocks=3,
+        batch=BatchComposition(
+            num_prefill_requests=1, num_prefill_tokens=40, num_decode_requests=7, num_decode_tokens=7
+        ),
+        queues=[
+            QueueStat("acme", "agent-7", "batch", num_waiting=2, num_running=1, num_kv_blocks=9),
+            QueueStat("ü-tenant", "", "interactive", num_waiting=0, num_running=3, num_kv_blocks=12),
+        ],
     ),
     EngineError(message="Traceback …\nValueError: boom"),
 ]
@@ -113,6 +124,9 @@ def test_round_trip_with_every_field_set(msg: object) -> None:
         assert _non_default_fields(msg.sampling) == []
     if isinstance(msg, TokenDeltaBatch):
         assert _non_default_fields(msg.deltas[0]) == []
+    if isinstance(msg, EngineStats):
+        assert _non_default_fields(msg.batch) == []
+        assert _non_default_fields(msg.queues[0]) == []
     out = decode(encode(msg))
     assert out == msg
     assert type(out) is type(msg)
@@ -134,7 +148,8 @@ def test_round_trip_with_every_field_set(msg: object) -> None:
             deltas=[TokenDelta(f"r{i}-é", [i], FinishReason(i % 4) if i % 3 else None) for i in range(256)]
         ),
         TokenDeltaBatch(deltas=[TokenDelta("x", [], FinishReason.ERROR, error="engine 💥 died\nline 2")]),
-        EngineStats(1.0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0.0),  # empty extra
+        EngineStats(1.0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0.0),  # empty extra, no queues
+        TokenDeltaBatch(deltas=[TokenDelta("q", [1], queue_seconds=1e-7), TokenDelta("r", [2])]),
         EngineError(message=""),
     ],
     ids=lambda m: type(m).__name__,
@@ -150,9 +165,11 @@ def test_types_come_back_exact() -> None:
     delta = decode(encode(FULL_MESSAGES[4])).deltas[0]
     assert type(delta.finish_reason) is FinishReason
     assert isinstance(delta.token_ids, list)
+    assert type(delta.queue_seconds) is float
     # an int given for a float field comes back a float
     stats = decode(encode(dataclasses.replace(FULL_MESSAGES[5], timestamp=3, kv_usage=1)))
     assert type(stats.timestamp) is float and type(stats.kv_usage) is float
+    assert type(stats.batch) is BatchComposition and all(type(q) is QueueStat for q in stats.queues)
 
 
 def test_nan_survives_as_nan() -> None:
