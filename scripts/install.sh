@@ -20,6 +20,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The status-page test drives Debian's Chromium headless through Playwright (never `playwright install`).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[install] installing Debian's chromium for the status-page browser test (about 30 s)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+      echo "[install] warning: apt-get could not install chromium; the browser test will be skipped" >&2
+    fi
+  else
+    echo "[install] warning: /usr/bin/chromium is missing and installing it needs root and apt-get;" \
+      "the browser test will be skipped" >&2
+  fi
+fi
+
 echo "[install] preparing the default model"
 .venv/bin/python -m engine.model_store prepare --model default
 echo "[install] done"

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP front end: routes, startup, checks, errors.
 
-`build_app(config, client)` returns a Starlette app; all state is on `app.state` (config, client, tokenizer).
-The lifespan starts the engine client and waits for readiness in the background, so /health answers 503 while
-the model loads. A request: validate (schema.py) → identity → tokenize → length checks → AddRequest, then
-generation.py streams it. Every error is {"error": {message, type, param, code}} as vLLM writes it.
+`build_app(config, client)` returns a Starlette app; all state is on `app.state` (config, client, tokenizer,
+metrics, status window). The lifespan starts the engine client and waits for readiness in the background, so
+/health answers 503 while the model loads. A request: validate (schema.py) → identity → tokenize → length checks
+→ AddRequest, then generation.py streams it. Every error is {"error": {message, type, param, code}} as vLLM
+writes it. Observability: GET /metrics (Prometheus, server/metrics.py), GET /status (JSON, server/status.py) and
+the status page at / (static/), none of which waits on the engine.
 """
 
 from __future__ import annotations
@@ -15,23 +17,31 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from engine.protocol import AddRequest, Ready
 from server import sse
 from server.config import ServerConfig
 from server.generation import EngineClientLike, Generation, complete, run_unless_disconnected, sse_response
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from server.metrics import Metrics
 from server.schema import GenerationParams, RequestError, parse_chat_request, parse_completion_request
+from server.status import RollingWindow, status_body
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+STATUS_SAMPLE_S = 1.0  # how often the engine's totals are booked into the status window (its bucket width)
 
 
 def build_app(
@@ -44,6 +54,10 @@ def build_app(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/engine/stats", engine_stats, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/", status_page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(
         routes=routes,
@@ -59,7 +73,22 @@ def build_app(
     app.state.tokenizer = tokenizer
     app.state.startup_error = None  # str once startup failed; /health then says why
     app.state.created = int(time.time())
+    app.state.started_at = time.time()
+    app.state.window = RollingWindow(bucket_s=STATUS_SAMPLE_S)
+    app.state.metrics = None  # built with the engine's Ready (its max_model_len sets token buckets)
+    if client.ready is not None:  # a client that is ready at once (tests)
+        _build_metrics(app, client.ready)
     return app
+
+
+def _build_metrics(app: Starlette, ready: Ready) -> None:
+    client: EngineClientLike = app.state.client
+    app.state.metrics = Metrics(
+        app.state.config.served_model_name,
+        ready.max_model_len,
+        lambda: client.latest_stats,
+        app.state.window,
+    )
 
 
 # ---- lifespan --------------------------------------------------------------------------------------------
@@ -68,11 +97,21 @@ def build_app(
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     startup = asyncio.create_task(_start(app))
+    sampler = asyncio.create_task(_sample_engine_stats(app))
     try:
         yield
     finally:
         startup.cancel()
+        sampler.cancel()
         await app.state.client.shutdown()
+
+
+async def _sample_engine_stats(app: Starlette) -> None:
+    """Book the engine's new totals into the status window every second: its rates need regular samples."""
+    while True:
+        if (stats := app.state.client.latest_stats) is not None:
+            app.state.window.add_engine_stats(stats, time.time())
+        await asyncio.sleep(STATUS_SAMPLE_S)
 
 
 async def _start(app: Starlette) -> None:
@@ -81,9 +120,12 @@ async def _start(app: Starlette) -> None:
     client: EngineClientLike = app.state.client
     try:
         client.start()
-        ready, app.state.tokenizer = await asyncio.gather(
+        ready, tokenizer = await asyncio.gather(
             client.wait_ready(config.ready_timeout_s), _load_tokenizer(app)
         )
+        if app.state.metrics is None:
+            _build_metrics(app, ready)
+        app.state.tokenizer = tokenizer  # the last step: requests are served from here on
         logger.info(
             "ready: model %s on %s, max_model_len %d, %d KV blocks of %d, policy %s",
             ready.model_name,
@@ -141,6 +183,32 @@ async def engine_stats(request: Request) -> Response:
     if stats is None:
         raise RequestError("the engine has not published stats yet", status=503)
     return _json(dataclasses.asdict(stats))
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; empty until the engine is ready. No auth, as vLLM's /metrics."""
+    body = request.app.state.metrics.render() if request.app.state.metrics is not None else b""
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
+async def status(request: Request) -> Response:
+    """The status page's data: the engine's last pushed stats and the server's rolling aggregates."""
+    app = request.app
+    client: EngineClientLike = app.state.client
+    body = status_body(
+        model_name=app.state.config.served_model_name,
+        state=_unavailable_reason(app) or "ok",
+        ready=client.ready,
+        stats=client.latest_stats,
+        window=app.state.window,
+        now=time.time(),
+        started_at=app.state.started_at,
+    )
+    return _json(body, headers={"Cache-Control": "no-store"})
+
+
+async def status_page(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def chat_completions(request: Request) -> Response:
@@ -206,7 +274,9 @@ async def _generate(
         priority=identity.priority,
     )
     output = app.state.tokenizer.output_text(prompt_ids, params.stop)
-    gen = Generation(msg, params, output, app.state.config.served_model_name, is_chat)
+    gen = Generation(
+        msg, params, output, app.state.config.served_model_name, is_chat, observer=app.state.metrics
+    )
     client: EngineClientLike = app.state.client
     if params.stream:
         return sse_response(client, gen)

@@ -3,6 +3,7 @@
 `Generation` holds a request's state and tally. `_pieces` is the only reader of the engine stream; its `finally`
 aborts the request in the engine whenever the server stops reading early (client disconnect, stop string,
 error), so a request never outlives its client. Errors surface as `RequestError` (503 when the engine is gone).
+Token timing goes to the Generation's `RequestObserver` (server/metrics.py): first token, each later one, finish.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ class EngineClientLike(Protocol):
     async def shutdown(self) -> None: ...
 
 
+class RequestObserver(Protocol):
+    """Told of a request's token timing as it runs (server/metrics.py's Metrics). Times are time.time()."""
+
+    def on_first_token(self, gen: Generation, now: float) -> None: ...
+
+    def on_token_gap(self, gen: Generation, gap_s: float) -> None: ...
+
+    def on_finish(self, gen: Generation, now: float) -> None: ...
+
+
 @dataclass
 class Generation:
     """One request in flight: what goes to the engine, and the tally that the log line and usage report."""
@@ -61,11 +72,33 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     num_cached_tokens: int = 0
     finish_reason: str = "abort"  # what the log line says if the request never finishes normally
+    observer: RequestObserver | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    queue_seconds: float = 0.0  # the engine's, from the first token's delta
 
     @property
     def request_id(self) -> str:
         return self.msg.request_id
+
+    def record_delta(self, delta: TokenDelta, now: float) -> None:
+        """Timing of a delta that carries tokens: TTFT on the first, the gap since the previous one after it."""
+        if not delta.token_ids:
+            return
+        if self.first_token_time is None:
+            self.first_token_time = now
+            self.num_cached_tokens = delta.num_cached_tokens
+            self.queue_seconds = delta.queue_seconds
+            if self.observer is not None:
+                self.observer.on_first_token(self, now)
+        elif self.observer is not None and self.last_token_time is not None:
+            self.observer.on_token_gap(self, now - self.last_token_time)
+        self.last_token_time = now
+
+    def record_finish(self, now: float) -> None:
+        if self.observer is not None:
+            self.observer.on_finish(self, now)
+        _log_finish(self, now)
 
     def usage(self) -> dict[str, Any]:
         return sse.usage_body(len(self.msg.prompt_token_ids), self.output.num_tokens, self.num_cached_tokens)
@@ -80,9 +113,7 @@ async def _pieces(client: EngineClientLike, gen: Generation) -> AsyncIterator[tu
     engine_done = False
     try:
         async for delta in client.add_request(gen.msg):
-            if gen.first_token_time is None:
-                gen.first_token_time = time.time()
-                gen.num_cached_tokens = delta.num_cached_tokens
+            gen.record_delta(delta, time.time())
             text = gen.output.add(delta.token_ids)
             if gen.output.is_stopped:
                 gen.finish_reason = "stop"
@@ -114,7 +145,7 @@ async def _pieces(client: EngineClientLike, gen: Generation) -> AsyncIterator[tu
     finally:
         if not engine_done:
             _abort(client, gen.request_id)
-        _log_finish(gen)
+        gen.record_finish(time.time())
 
 
 def _engine_failure(client: EngineClientLike, message: str) -> RequestError:
@@ -203,8 +234,7 @@ def _abort(client: EngineClientLike, request_id: str) -> None:
         logger.warning("abort of %s failed", request_id, exc_info=True)
 
 
-def _log_finish(gen: Generation) -> None:
-    now = time.time()
+def _log_finish(gen: Generation, now: float) -> None:
     ttft = f"{gen.first_token_time - gen.msg.arrival_time:.3f}s" if gen.first_token_time else "-"
     logger.info(
         "%s %s prompt=%d completion=%d cached=%d ttft=%s e2e=%.3fs tenant=%s app=%s class=%s",
