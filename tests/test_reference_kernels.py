@@ -159,3 +159,21 @@ def test_model_prefill_path_matches_reference() -> None:
     )
     ref = paged_prefill_attention(q, k_cache, v_cache, tables, torch.tensor(qsl), torch.tensor(contexts), 0.2)
     torch.testing.assert_close(prefill_attention(q, k, v, k_cache, v_cache, batch, 0.2), ref)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_cpu_kernel_vector_path_matches_reference(block_size: int) -> None:
+    """head_dim 64 and full 16-token runs take the kernel's vector path (SmolLM2's shape: 9 heads / 3 KV heads)."""
+    num_kv_heads, group, head_dim = 3, 3, 64
+    if not cpu_paged_attention.available(head_dim, group):
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(7)
+    contexts = [1, 16, 17, 40, 64, 100, 15]
+    k_cache = torch.randn(64, block_size, num_kv_heads, head_dim, generator=gen) * 2
+    v_cache = torch.randn(64, block_size, num_kv_heads, head_dim, generator=gen)
+    tables = torch.randperm(64, generator=gen)[: 7 * 7].view(7, 7)  # 100 tokens need 7 blocks of 16
+    q = torch.randn(len(contexts), num_kv_heads * group, head_dim, generator=gen)
+    lens = torch.tensor(contexts)
+    ref = paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    out = cpu_paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
