@@ -174,16 +174,17 @@ def prefill_attention(
             q_pos = torch.arange(ctx - n, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
             causal = False
+        # 4-D in: with 3-D inputs SDPA silently takes its slow math path instead of the CPU flash kernel.
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            kr.transpose(0, 1),
-            vr.transpose(0, 1),
+            q[None, start:end].transpose(1, 2),
+            kr[None].transpose(1, 2),
+            vr[None].transpose(1, 2),
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
             enable_gqa=True,
-        )  # [H, n, D]
-        out[start:end] = o.transpose(0, 1)
+        )  # [1, H, n, D]
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 
