@@ -56,6 +56,15 @@ def pick_device(spec: str) -> str:
 
 
 class ModelRunner:
+    """One model on one device. After construction (seconds: load, size and allocate the KV pool):
+
+    num_kv_blocks, block_size      the KV pool the scheduler hands out (block ids 0 .. num_kv_blocks - 1)
+    max_model_len                  ModelConfig.max_model_len, or the model's own capped at 8192
+    eos_token_ids, vocab_size      from config.json / generation_config.json
+    model_name, device             served name ("default" for the default model) and "cpu" / "cuda[:i]"
+    execute(SchedulerOutput) -> ModelOutput, warmup() -> seconds
+    """
+
     def __init__(
         self,
         model_config: ModelConfig,
