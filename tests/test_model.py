@@ -260,3 +260,66 @@ def test_bf16_matmuls_stay_close_to_fp32(tiny_llama_dir: Path) -> None:
     err = (ours - ref).abs().max() / ref.abs().max()
     assert 1e-5 < err < 3e-2  # bf16 really ran (not bit-exact), yet close
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ],
+)
+def test_rope_inv_freq_matches_transformers(tmp_path: Path, rope: dict) -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.weights import read_arch, rope_inv_freq
+
+    config = LlamaConfig(
+        hidden_size=256, num_attention_heads=4, max_position_embeddings=16384, rope_parameters=rope
+    )
+    config.save_pretrained(tmp_path)
+    ours, our_scaling = rope_inv_freq(read_arch(tmp_path))
+    if rope["rope_type"] == "default":
+        theirs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
+        scaling = 1.0
+    else:
+        theirs, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    torch.testing.assert_close(ours, theirs)
+    assert our_scaling == scaling
+
+
+def test_read_arch_accepts_transformers4_rope_keys(tmp_path: Path) -> None:
+    """Older configs keep rope_theta at the top level and scaling under rope_scaling (with "type")."""
+    import json
+
+    from engine.weights import read_arch
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_theta": 5e5,
+                "eos_token_id": [7, 9],
+                "rope_scaling": {"type": "linear", "factor": 2.0},
+            }
+        )
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 11]}))
+    arch = read_arch(tmp_path)
+    assert arch.rope_theta == 5e5 and arch.rope_scaling["rope_type"] == "linear"
+    assert arch.num_kv_heads == 2 and arch.head_dim == 4
+    assert arch.eos_token_ids == (7, 9, 11)
