@@ -161,9 +161,7 @@ class ModelRunner:
             gen.manual_seed(request.sampling.seed)
             # Rebuilt after a loss (e.g. another replica ran it): replay one draw per token already sampled.
             if request.num_generated:
-                torch.empty(request.num_generated, self.vocab_size, device=self.device).exponential_(
-                    generator=gen
-                )
+                torch.rand(request.num_generated, generator=gen, device=self.device)  # one uniform per token
             self._generators[request.request_id] = gen
         return gen
 

@@ -323,3 +323,14 @@ def test_read_arch_accepts_transformers4_rope_keys(tmp_path: Path) -> None:
     assert arch.rope_theta == 5e5 and arch.rope_scaling["rope_type"] == "linear"
     assert arch.num_kv_heads == 2 and arch.head_dim == 4
     assert arch.eos_token_ids == (7, 9, 11)
+
+
+def test_seeded_request_continues_on_a_fresh_runner(tiny_llama_dir: Path) -> None:
+    """A runner that never saw the request (restart, another replica) replays num_generated draws."""
+    prompt = random_prompt(random.Random(8), 10)
+    full = run_one(make_runner(tiny_llama_dir), prompt, 12)
+    fresh = make_runner(tiny_llama_dir)
+    tokens = prompt + full[:11]
+    table = list(range((len(tokens) + BLOCK_SIZE - 1) // BLOCK_SIZE))
+    step = ScheduledRequest("s", tokens, 0, table, SEEDED, True, num_generated=11)
+    assert fresh.execute(SchedulerOutput([step])).sampled["s"] == full[11]
