@@ -26,16 +26,16 @@ DECODE_BACKENDS = ("auto", "cpu-kernel", "compiled", "eager")
 
 
 def pick_decode_backend(
-    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, group: int
+    requested: str, device: torch.device, kv_dtype: torch.dtype, head_dim: int, group: int
 ) -> str:
-    """auto: the C kernel on CPU fp32 (kernels/cpu_paged_attention.py), torch.compile on CUDA, else eager SDPA.
+    """auto: the C kernel on CPU (kernels/cpu_paged_attention.py), torch.compile on CUDA, else eager SDPA.
     KAIROS_DECODE_ATTENTION overrides auto."""
     if requested == "auto":
         requested = os.environ.get("KAIROS_DECODE_ATTENTION", "auto")
     if requested not in DECODE_BACKENDS:
         raise ValueError(f"decode attention backend {requested!r}: expected one of {DECODE_BACKENDS}")
     if requested == "auto":
-        if device.type == "cpu" and dtype == torch.float32 and cpu_paged_attention.available(head_dim, group):
+        if device.type == "cpu" and cpu_paged_attention.available(head_dim, group, kv_dtype):
             return "cpu-kernel"
         return "compiled" if device.type == "cuda" else "eager"
     return requested
@@ -136,8 +136,8 @@ def decode_attention_eager(
     head ride along as SDPA's query-length axis, so K/V are never repeated for GQA."""
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    k = gather_blocks(k_cache, block_tables).flatten(1, 2).transpose(1, 2)  # [B, KVH, T, D]
-    v = gather_blocks(v_cache, block_tables).flatten(1, 2).transpose(1, 2)
+    k = gather_blocks(k_cache, block_tables).flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, KVH, T, D]
+    v = gather_blocks(v_cache, block_tables).flatten(1, 2).transpose(1, 2).to(q.dtype)
     visible = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]  # [B, T]
     out = F.scaled_dot_product_attention(
         q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim),
@@ -169,8 +169,8 @@ def prefill_attention(
             kr, vr, mask, causal = k[start:end], v[start:end], None, True
         else:  # prefix in the cache (already holds this chunk too): query i sits at ctx - n + i
             blocks = batch.prefill_block_tables[r][: (ctx + block_size - 1) // block_size]
-            kr = gather_blocks(k_cache, blocks).flatten(0, 1)[:ctx]
-            vr = gather_blocks(v_cache, blocks).flatten(0, 1)[:ctx]
+            kr = gather_blocks(k_cache, blocks).flatten(0, 1)[:ctx].to(q.dtype)
+            vr = gather_blocks(v_cache, blocks).flatten(0, 1)[:ctx].to(q.dtype)
             q_pos = torch.arange(ctx - n, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
             causal = False
@@ -233,7 +233,7 @@ class PagedLlama:
         self.inv_freq = inv_freq.to(weights.embed.device)
         group = self.num_heads // self.num_kv_heads
         self.decode_backend = pick_decode_backend(
-            decode_backend, self.device, self.dtype, self.head_dim, group
+            decode_backend, self.device, self.kv_dtype, self.head_dim, group
         )
         self._matmul = pick_matmul(self.device)
         self._decode_attention: Callable[..., torch.Tensor] = decode_attention_eager
@@ -259,8 +259,13 @@ class PagedLlama:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activations, norms and the KV cache: fp32 always. The weights may be bf16: see linear()."""
+        """Activations, norms, softmax: fp32 always. The weights may be bf16: see linear()."""
         return torch.float32
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """bf16 with bf16 weights (half the bytes for decode attention to read, twice the tokens), else fp32."""
+        return torch.bfloat16 if self.weights.layers[0].qkv.dtype == torch.bfloat16 else torch.float32
 
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
@@ -271,7 +276,7 @@ class PagedLlama:
             block_size,
             self.num_kv_heads,
             self.head_dim,
-            dtype or self.dtype,
+            dtype or self.kv_dtype,
             self.device,
         )
 
@@ -311,8 +316,8 @@ class PagedLlama:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # [N * block_size, KVH, D] views: row index == slot. index_copy_ is a row memcpy; index_put_ is not.
-        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
-        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
+        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
 
         p = batch.num_prefill_tokens
         if p == num_tokens:

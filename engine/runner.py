@@ -94,7 +94,7 @@ class ModelRunner:
         )
         self.block_size = block_size
         bytes_per_block = KVCache.bytes_per_block(
-            arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim, self.model.dtype
+            arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim, self.model.kv_dtype
         )
         kv_bytes = self._kv_budget(device_config, weights.num_bytes)
         self.num_kv_blocks = kv_bytes // bytes_per_block

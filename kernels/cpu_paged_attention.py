@@ -1,6 +1,6 @@
 """Paged decode attention for CPU: a small C kernel built with the system gcc at first use, called through ctypes.
 
-Spec: kernels.reference.paged_decode_attention (same arguments, fp32). One OpenMP task per (request, KV head):
+Spec: kernels.reference.paged_decode_attention (same arguments; an fp32 or bf16 cache, fp32 math). One OpenMP task per (request, KV head):
 pass 1 scores the G query heads of the group against each cached key, read straight from its block (no gather),
 pass 2 accumulates softmax(scores) @ V. B=128, ctx 256, SmolLM2 shapes, one thread: 2.8 ms per layer, against
 4.6 ms for a plain-C version, ~9 ms for inductor's code for the same math and ~9 ms for gather + SDPA. No compiler:
@@ -28,7 +28,8 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 
-/* HEAD_DIM and GROUP (= H / KVH) are compile-time constants. v16 is 16 floats (one zmm; two ymm on AVX2). */
+/* HEAD_DIM, GROUP (= H / KVH) and KV_BF16 are compile-time constants. v16 is 16 floats (one zmm; two ymm on
+   AVX2). The cache holds fp32 or bf16 (KV_T); everything is computed in fp32. */
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
@@ -36,6 +37,17 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 #define NV (HEAD_DIM / 16)
 
 static inline v16 ld(const float* p) { return *(const v16u*)p; }
+#if KV_BF16
+typedef uint16_t KV_T;
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+static inline v16 ldkv(const KV_T* p) { return (v16)(__builtin_convertvector(*(const u16x16*)p, i16) << 16); }
+static inline float kv_f(KV_T x) { union { uint32_t i; float f; } u = { .i = (uint32_t)x << 16 }; return u.f; }
+#else
+typedef float KV_T;
+static inline v16 ldkv(const KV_T* p) { return ld(p); }
+static inline float kv_f(KV_T x) { return x; }
+#endif
+#define LINE (64 / (int)sizeof(KV_T))  /* elements per cache line */
 
 /* exp(x) for x <= 0 (softmax after subtracting the max): Cephes range reduction + degree-6 polynomial in plain
    float code, so the loop around it vectorises (glibc's scalar expf was ~20% of the kernel). */
@@ -69,16 +81,16 @@ static inline v16 transpose_reduce(const v16 a[16]) {
 
 /* A block's rows are small strided reads and the next block is anywhere: the hardware prefetcher cannot guess
    it, so ask for the next block's HEAD_DIM floats of every row one block ahead. */
-static inline void prefetch_block(const float* p, int64_t row, int64_t block_size) {
+static inline void prefetch_block(const KV_T* p, int64_t row, int64_t block_size) {
     for (int64_t t = 0; t < block_size; t++, p += row)
-        for (int d = 0; d < HEAD_DIM; d += 16) __builtin_prefetch(p + d, 0, 3);
+        for (int d = 0; d < HEAD_DIM; d += LINE) __builtin_prefetch(p + d, 0, 3);
 }
 
 /* q [B, H, D]; k_cache, v_cache [N, BS, KVH, D]; block_tables [B, MAXB] int64; context_lens [B] int64;
    out [B, H, D]. One task per (request, KV head): pass 1 scores [GROUP][ctx], softmax, pass 2 P @ V. */
-void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
-                      const int64_t* context_lens, float* out, int64_t num_reqs, int64_t num_kv_heads,
-                      int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+void paged_decode(const float* q, const KV_T* k_cache, const KV_T* v_cache, const int64_t* block_tables,
+                  const int64_t* context_lens, float* out, int64_t num_reqs, int64_t num_kv_heads,
+                  int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
     const int64_t row = num_kv_heads * HEAD_DIM;  /* floats per cached token */
     #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t task = 0; task < num_reqs * num_kv_heads; task++) {
@@ -98,7 +110,7 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
 
         /* pass 1: scores; 16 tokens at a time through transpose_reduce, the rest one by one */
         for (int64_t j = 0; j < num_blocks; j++) {
-            const float* k = k_cache + table[j] * block_size * row + h * HEAD_DIM;
+            const KV_T* k = k_cache + table[j] * block_size * row + h * HEAD_DIM;
             if (j + 1 < num_blocks)
                 prefetch_block(k_cache + table[j + 1] * block_size * row + h * HEAD_DIM, row, block_size);
             const int64_t n = ctx - j * block_size < block_size ? ctx - j * block_size : block_size;
@@ -107,10 +119,12 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
             for (; VEC && t + 16 <= n; t += 16) {
                 v16 part[GROUP][16];
                 for (int i = 0; i < 16; i++) {
-                    const float* kr = k + (t + i) * row;
+                    const KV_T* kr = k + (t + i) * row;
+                    v16 kv[NV];
+                    for (int c = 0; c < NV; c++) kv[c] = ldkv(kr + 16 * c);
                     for (int g = 0; g < GROUP; g++) {
-                        v16 a = ld(qg[g]) * ld(kr);
-                        for (int c = 1; c < NV; c++) a += ld(qg[g] + 16 * c) * ld(kr + 16 * c);
+                        v16 a = ld(qg[g]) * kv[0];
+                        for (int c = 1; c < NV; c++) a += ld(qg[g] + 16 * c) * kv[c];
                         part[g][i] = a;
                     }
                 }
@@ -122,11 +136,11 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
                 }
             }
             for (; t < n; t++) {
-                const float* kr = k + t * row;
+                const KV_T* kr = k + t * row;
                 for (int g = 0; g < GROUP; g++) {
                     float dot = 0.f;
                     #pragma omp simd reduction(+:dot)
-                    for (int d = 0; d < HEAD_DIM; d++) dot += qg[g][d] * kr[d];
+                    for (int d = 0; d < HEAD_DIM; d++) dot += qg[g][d] * kv_f(kr[d]);
                     s[g * T + t] = dot;
                     m[g] = dot > m[g] ? dot : m[g];
                 }
@@ -151,7 +165,7 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
 #endif
         prefetch_block(v_cache + table[0] * block_size * row + h * HEAD_DIM, row, block_size);
         for (int64_t j = 0; j < num_blocks; j++) {
-            const float* v = v_cache + table[j] * block_size * row + h * HEAD_DIM;
+            const KV_T* v = v_cache + table[j] * block_size * row + h * HEAD_DIM;
             if (j + 1 < num_blocks)
                 prefetch_block(v_cache + table[j + 1] * block_size * row + h * HEAD_DIM, row, block_size);
             const int64_t n = ctx - j * block_size < block_size ? ctx - j * block_size : block_size;
@@ -159,14 +173,14 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
             for (int64_t t = 0; t < n; t++, v += row) {
 #if VEC
                 v16 vv[NV];
-                for (int c = 0; c < NV; c++) vv[c] = ld(v + 16 * c);
+                for (int c = 0; c < NV; c++) vv[c] = ldkv(v + 16 * c);
                 for (int g = 0; g < GROUP; g++)
                     for (int c = 0; c < NV; c++) acc[g][c] += p[g * T + t] * vv[c];
 #else
                 for (int g = 0; g < GROUP; g++) {
                     const float pg = p[g * T + t];
                     #pragma omp simd
-                    for (int d = 0; d < HEAD_DIM; d++) acc[g][d] += pg * v[d];
+                    for (int d = 0; d < HEAD_DIM; d++) acc[g][d] += pg * kv_f(v[d]);
                 }
 #endif
             }
@@ -185,7 +199,8 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
 }
 """
 
-_libs: dict[tuple[int, int], ctypes.CDLL | None] = {}
+_KV_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_libs: dict[tuple[int, int, str], ctypes.CDLL | None] = {}
 
 
 def _cpu_flags() -> str:
@@ -198,21 +213,20 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(head_dim: int, group: int) -> ctypes.CDLL | None:
+def _build(head_dim: int, group: int, kv: str) -> ctypes.CDLL | None:
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         logger.warning("no C compiler: CPU paged attention falls back to torch")
         return None
-    key = hashlib.sha256(f"{_SOURCE}{head_dim}{group}{_cpu_flags()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_SOURCE}{head_dim}{group}{kv}{_cpu_flags()}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("KAIROS_CACHE_DIR") or Path.home() / ".cache" / "kairos") / "kernels"
-    so = cache / f"paged_decode_d{head_dim}_g{group}_{key}.so"
+    so = cache / f"paged_decode_d{head_dim}_g{group}_{kv}_{key}.so"
     if not so.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
             src.write_text(_SOURCE)
-            cmd = [
-                compiler,
+            flags = [
                 "-O3",
                 "-march=native",
                 "-ffast-math",
@@ -220,14 +234,15 @@ def _build(head_dim: int, group: int) -> ctypes.CDLL | None:
                 "-fopenmp",
                 "-shared",
                 "-fPIC",
-                f"-DHEAD_DIM={head_dim}",
-                f"-DGROUP={group}",
-                str(src),
-                "-o",
-                str(out),
             ]
+            defines = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}", f"-DKV_BF16={int(kv == 'bf16')}"]
             try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                subprocess.run(
+                    [compiler, *flags, *defines, str(src), "-o", str(out)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
             except subprocess.CalledProcessError as e:
                 logger.warning(
                     "CPU paged attention did not compile, falling back to torch: %s", e.stderr[-500:]
@@ -236,39 +251,40 @@ def _build(head_dim: int, group: int) -> ctypes.CDLL | None:
             os.replace(out, so)  # atomic: concurrent builders (replicas) never load a half-written file
         logger.info("built %s", so.name)
     lib = ctypes.CDLL(str(so))
-    lib.paged_decode_f32.restype = None
-    lib.paged_decode_f32.argtypes = (
-        [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
-    )
+    lib.paged_decode.restype = None
+    lib.paged_decode.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
-def available(head_dim: int, group: int) -> bool:
-    """Compiles on first call for this (head_dim, group); False where no compiler works."""
-    if (head_dim, group) not in _libs:
-        _libs[(head_dim, group)] = _build(head_dim, group)
-    return _libs[(head_dim, group)] is not None
+def available(head_dim: int, group: int, kv_dtype: torch.dtype = torch.float32) -> bool:
+    """Compiles on first call for this shape and KV dtype (fp32 or bf16); False where no compiler works."""
+    if kv_dtype not in _KV_DTYPES:
+        return False
+    key = (head_dim, group, _KV_DTYPES[kv_dtype])
+    if key not in _libs:
+        _libs[key] = _build(*key)
+    return _libs[key] is not None
 
 
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D] fp32
-    k_cache: torch.Tensor,  # [N, block_size, KVH, D] fp32
+    k_cache: torch.Tensor,  # [N, block_size, KVH, D] fp32 or bf16
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
-) -> torch.Tensor:  # [B, H, D]
+) -> torch.Tensor:  # [B, H, D] fp32
     num_reqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if not available(head_dim, group):
-        raise RuntimeError("CPU paged attention kernel is not available")
+    if not available(head_dim, group, k_cache.dtype):
+        raise RuntimeError(f"CPU paged attention kernel is not available for {k_cache.dtype}")
     q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
-    for t in (q, k_cache, v_cache):
-        assert t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+    assert q.dtype == torch.float32 and q.device.type == "cpu"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
     assert block_tables.dtype == torch.int64 and context_lens.dtype == torch.int64
     out = torch.empty_like(q)
-    _libs[(head_dim, group)].paged_decode_f32(
+    _libs[(head_dim, group, _KV_DTYPES[k_cache.dtype])].paged_decode(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),

@@ -247,12 +247,12 @@ def test_finished_request_drops_its_generator(tiny_llama_dir: Path) -> None:
 
 
 def test_bf16_matmuls_stay_close_to_fp32(tiny_llama_dir: Path) -> None:
-    """--dtype bfloat16: bf16 weights and GEMMs, fp32 activations and KV; logits within bf16 rounding of fp32."""
-    bytes_per_block = 2 * 2 * BLOCK_SIZE * 2 * 16 * 4
+    """--dtype bfloat16: bf16 weights, GEMMs and KV cache, fp32 activations; logits within bf16 rounding of fp32."""
+    bytes_per_block = 2 * 2 * BLOCK_SIZE * 2 * 16 * 2  # bf16 KV: 2 bytes per element
     config = DeviceConfig(device="cpu", kv_cache_memory=64 * bytes_per_block)
     runner = ModelRunner(ModelConfig(model=str(tiny_llama_dir), dtype="bfloat16"), config, BLOCK_SIZE)
     assert runner.model.weights.layers[0].qkv.dtype == torch.bfloat16
-    assert runner.kv_cache.storage.dtype == torch.float32 and runner.num_kv_blocks == 64
+    assert runner.kv_cache.storage.dtype == torch.bfloat16 and runner.num_kv_blocks == 64
     prompt = random_prompt(random.Random(7), 29)
     table = BlockPool(runner.num_kv_blocks, seed=7).grow([], len(prompt))
     (ours,) = all_logits(runner, [ScheduledRequest("a", prompt, 0, table, GREEDY, True)])
@@ -260,6 +260,11 @@ def test_bf16_matmuls_stay_close_to_fp32(tiny_llama_dir: Path) -> None:
     err = (ours - ref).abs().max() / ref.abs().max()
     assert 1e-5 < err < 3e-2  # bf16 really ran (not bit-exact), yet close
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # Decode steps read the bf16 cache (the C kernel's bf16 path on CPU).
+    table = BlockPool(runner.num_kv_blocks, seed=8).grow([], len(prompt))
+    all_logits(runner, [ScheduledRequest("b", prompt[:-1], 0, table, GREEDY, False)])
+    (step,) = all_logits(runner, [ScheduledRequest("b", prompt[-1:], len(prompt) - 1, table, GREEDY, True)])
+    assert (step[0] - ref[-1]).abs().max() / ref.abs().max() < 3e-2
 
 
 @pytest.mark.parametrize(

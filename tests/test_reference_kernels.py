@@ -177,3 +177,23 @@ def test_cpu_kernel_vector_path_matches_reference(block_size: int) -> None:
     ref = paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
     out = cpu_paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_cpu_kernel_bf16_cache_matches_reference() -> None:
+    """A bf16 cache (--dtype bfloat16): the kernel upcasts each element, so it equals the reference on the same
+    bf16 values up to fp32 rounding; the eager fallback agrees too."""
+    num_kv_heads, group, head_dim = 3, 3, 64
+    if not cpu_paged_attention.available(head_dim, group, torch.bfloat16):
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(8)
+    contexts = [1, 16, 17, 40, 64, 100, 15]
+    k_cache = torch.randn(64, 16, num_kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(64, 16, num_kv_heads, head_dim, generator=gen).bfloat16()
+    tables = torch.randperm(64, generator=gen)[: 7 * 7].view(7, 7)
+    q = torch.randn(len(contexts), num_kv_heads * group, head_dim, generator=gen)
+    lens = torch.tensor(contexts)
+    ref = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    out = cpu_paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(decode_attention_eager(q, k_cache, v_cache, tables, lens, 0.125), ref)
