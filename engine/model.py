@@ -4,6 +4,10 @@ embed -> layers (RMSNorm, fused qkv, RoPE, store K/V by slot, paged attention, o
 SiLU*up, down) -> final norm -> lm_head on the rows that need logits. One flat varlen batch per step (engine/batch.py):
 prefill chunks first (attention per request over the cached prefix + causal chunk), then single-token decodes
 (one batched paged-attention call per layer: a C kernel on CPU, torch.compile on CUDA, eager SDPA as the fallback).
+
+Decode step, SmolLM2-135M, ctx 256, 1 thread, ms (2-vCPU Zen 5, 2026-11-23, neighbours busy; B=1 / 32 / 128):
+    fp32  cpu-kernel  26 / 99 / 307     compiled  29 / 160 / 504     eager  28 / 145 / 521
+    bf16  cpu-kernel  24 / 69 / 209     compiled  27 / 105 / 365     eager  26 / 120 / 448
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Paged decode attention for CPU: a small C kernel built with the system gcc at first use, called through ctypes.
 
-Spec: kernels.reference.paged_decode_attention (same arguments; an fp32 or bf16 cache, fp32 math). One OpenMP task per (request, KV head):
-pass 1 scores the G query heads of the group against each cached key, read straight from its block (no gather),
-pass 2 accumulates softmax(scores) @ V. B=128, ctx 256, SmolLM2 shapes, one thread: 2.8 ms per layer, against
-4.6 ms for a plain-C version, ~9 ms for inductor's code for the same math and ~9 ms for gather + SDPA. No compiler:
-`available()` is False and the caller falls back to torch. The .so is cached per source and CPU flags under
-$KAIROS_CACHE_DIR/kernels.
+Spec: kernels.reference.paged_decode_attention (same arguments; an fp32 or bf16 cache, fp32 math). One OpenMP task
+per (request, KV head): pass 1 scores the G query heads of the group against each cached key, read straight from
+its block (no gather), 16 keys at a time; pass 2 accumulates softmax(scores) @ V. B=128, ctx 256, SmolLM2 shapes,
+one thread: 2.8-3.1 ms per layer (bf16 cache 2.4), against 4.6 ms for a plain-C loop, ~9 ms for inductor's code
+for the same math and ~9 ms for gather + SDPA. No compiler: `available()` is False and the caller falls back to
+torch. The .so is cached per source and CPU flags under $KAIROS_CACHE_DIR/kernels (~0.3 s to build).
 """
 
 from __future__ import annotations
