@@ -199,6 +199,9 @@ def build_forward_batch(
 ) -> ForwardBatch:
     """Flat tensors for one step: prefill chunks (more than one token) first, then single-token decodes."""
     bs = block_size
+    for r in (*prefills, *decodes):
+        if len(r.block_ids) * bs < r.context_len:
+            raise ValueError(f"{r.request_id}: {len(r.block_ids)} blocks cannot hold {r.context_len} tokens")
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []

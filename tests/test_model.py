@@ -339,3 +339,10 @@ def test_seeded_request_continues_on_a_fresh_runner(tiny_llama_dir: Path) -> Non
     table = list(range((len(tokens) + BLOCK_SIZE - 1) // BLOCK_SIZE))
     step = ScheduledRequest("s", tokens, 0, table, SEEDED, True, num_generated=11)
     assert fresh.execute(SchedulerOutput([step])).sampled["s"] == full[11]
+
+
+def test_too_few_blocks_is_an_error(tiny_llama_dir: Path) -> None:
+    runner = make_runner(tiny_llama_dir)
+    short = ScheduledRequest("x", [5] * 9, 0, [0, 1], GREEDY, True)  # 9 tokens need 3 blocks of 4
+    with pytest.raises(ValueError, match="cannot hold"):
+        runner.execute(SchedulerOutput([short]))
