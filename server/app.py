@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from engine.protocol import AddRequest, Ready
+from predictor.online import LengthLogObserver, LengthTagger, load_tagger, request_text
 from server import sse
 from server.config import ServerConfig
 from server.generation import EngineClientLike, Generation, complete, run_unless_disconnected, sse_response
@@ -76,6 +77,10 @@ def build_app(
     app.state.started_at = time.time()
     app.state.window = RollingWindow(bucket_s=STATUS_SAMPLE_S)
     app.state.metrics = None  # built with the engine's Ready (its max_model_len sets token buckets)
+    # predictor/online.py: rl_mean / rl_q for every request; a missing model file falls back to constants.
+    app.state.predictor = load_tagger(
+        config.predictor, config.served_model_name, config.predictor_log or None
+    )
     if client.ready is not None:  # a client that is ready at once (tests)
         _build_metrics(app, client.ready)
     return app
@@ -104,6 +109,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         startup.cancel()
         sampler.cancel()
         await app.state.client.shutdown()
+        app.state.predictor.close()
 
 
 async def _sample_engine_stats(app: Starlette) -> None:
@@ -224,7 +230,14 @@ async def chat_completions(request: Request) -> Response:
     except Exception as exc:  # jinja2 TemplateError and friends: the conversation, not the server
         raise RequestError(f"the chat template rejected the messages: {exc}", "messages") from exc
     return await _generate(
-        request, "chatcmpl", prompt_ids, parsed.params, is_chat=True, arrival_time=arrival_time
+        request,
+        "chatcmpl",
+        prompt_ids,
+        parsed.params,
+        is_chat=True,
+        arrival_time=arrival_time,
+        text=request_text(parsed.messages),
+        num_messages=len(parsed.messages),
     )
 
 
@@ -244,7 +257,13 @@ async def completions(request: Request) -> Response:
         if (bad := max(prompt_ids)) >= tokenizer.vocab_size:
             raise RequestError(f"token id {bad} is out of vocabulary (size {tokenizer.vocab_size})", "prompt")
     return await _generate(
-        request, "cmpl", prompt_ids, parsed.params, is_chat=False, arrival_time=arrival_time
+        request,
+        "cmpl",
+        prompt_ids,
+        parsed.params,
+        is_chat=False,
+        arrival_time=arrival_time,
+        text=parsed.prompt or "",
     )
 
 
@@ -258,10 +277,14 @@ async def _generate(
     params: GenerationParams,
     is_chat: bool,
     arrival_time: float,
+    text: str = "",
+    num_messages: int = 1,
 ) -> Response:
     app = request.app
     ready = _require_ready(app)
     max_tokens = _max_tokens(len(prompt_ids), params.max_tokens, ready.max_model_len, is_chat)
+    tagger: LengthTagger = app.state.predictor
+    tagged = tagger.tag(text, len(prompt_ids), num_messages, max_tokens)
     identity = params.identity
     msg = AddRequest(
         request_id=f"{prefix}-{uuid.uuid4().hex}",
@@ -272,11 +295,14 @@ async def _generate(
         app_id=identity.app_id,
         slo_class=identity.slo_class,
         priority=identity.priority,
+        rl_mean=tagged.prediction.median,
+        rl_q=tagged.prediction.upper,
     )
     output = app.state.tokenizer.output_text(prompt_ids, params.stop)
-    gen = Generation(
-        msg, params, output, app.state.config.served_model_name, is_chat, observer=app.state.metrics
-    )
+    observer = app.state.metrics
+    if tagger.is_logging:
+        observer = LengthLogObserver(observer, tagger, tagged)
+    gen = Generation(msg, params, output, app.state.config.served_model_name, is_chat, observer=observer)
     client: EngineClientLike = app.state.client
     if params.stream:
         return sse_response(client, gen)

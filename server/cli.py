@@ -109,6 +109,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-threads", type=int, default=0, help="torch threads in the engine process; 0 = torch's default"
     )
 
+    predictor = parser.add_argument_group("response-length predictor")
+    predictor.add_argument(
+        "--predictor",
+        default="default",
+        metavar="PATH",
+        help="'default' (the shipped SmolLM2 model, predictor/models/smollm2.json), a model file from "
+        "`kairos predictor train/refit`, or 'none' (constants: median 256, upper 1024 tokens)",
+    )
+    predictor.add_argument(
+        "--predictor-log",
+        default="",
+        metavar="PATH",
+        help="append each finished request's features and actual length here (no prompt text), "
+        "for `kairos predictor refit`",
+    )
+
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -151,6 +167,8 @@ def serve(args: argparse.Namespace) -> int:
         tokenizer_path=str(model_dir),
         api_key=args.api_key,
         log_level=args.log_level,
+        predictor=args.predictor,
+        predictor_log=args.predictor_log,
     )
     app = build_app(server_config, EngineClient(engine_config))
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, drains, then the lifespan shuts the engine down.
@@ -174,6 +192,12 @@ def bench(args: argparse.Namespace) -> int:
     return loadgen_main(args.argv)
 
 
+def predictor(args: argparse.Namespace) -> int:
+    from predictor.cli import main as predictor_main  # lightgbm and numpy stay out of `kairos serve --help`
+
+    return predictor_main(args.argv)
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
@@ -182,6 +206,11 @@ COMMANDS: dict[
         "load generator: `kairos bench run --help` (same as `python -m loadgen`)",
         lambda p: p.add_argument("argv", nargs=argparse.REMAINDER, help="`run ...` or `plan ...`"),
         bench,
+    ),
+    "predictor": (
+        "response-length predictor: `kairos predictor {train,evaluate,refit,bench} --help`",
+        lambda p: p.add_argument("argv", nargs=argparse.REMAINDER, help="`refit ...`, `train ...`, ..."),
+        predictor,
     ),
 }
 

@@ -19,6 +19,10 @@ class ServerConfig:
     slo_classes: tuple[str, ...] = DEFAULT_SLO_CLASSES
     ready_timeout_s: float = 600.0  # model load + KV pool allocation + warm-up
     log_level: str = "info"
+    # Response-length predictor (predictor/online.py): "default" = the shipped SmolLM2 model, "none" = the
+    # documented constants, or a model file. predictor_log: append finished requests' features + lengths there.
+    predictor: str = "default"
+    predictor_log: str = ""
 
     @property
     def served_model_name(self) -> str:

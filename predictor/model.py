@@ -1,0 +1,341 @@
+"""LengthPredictor: two LightGBM quantile models (median and an upper quantile) with a conformal correction.
+
+Both boosters fit log1p(length) with the pinball loss (a quantile of log1p(y) is log1p of the quantile of y).
+The upper score is a blend s(x) = b·f_0.5(x) + (1−b)·f_q(x) (b = `upper_blend`, default 0.5: on ShareGPT the
+median model ranks better than the q-model, and the blend reserves ~4 % less KV at the same coverage), then
+tilted about its training mean c: u(x) = c + a·(s(x) − c). The slope a (`upper_slope`) is picked on the
+early-stopping slice to minimise the KV reserved at the target coverage: reserving for the q-quantile of every
+request is not the cheapest way to cover a share q of them; a < 1 covers short requests (cheap) more often and
+long ones (expensive) less often. u is calibrated split-conformally (CQR, Romano et al. 2019, one-sided): on a
+calibration split that training never saw, r_i = log1p(y_i) − u(x_i); the offset is the ⌈(n+1)q⌉-th smallest,
+so P(y ≤ expm1(u(x) + offset)) ≥ q for a new exchangeable request. Predictions are clamped to the request's
+max_tokens (the engine never generates more), and upper ≥ median.
+
+One file holds everything: JSON metadata with both boosters as LightGBM model text. Serving calls
+`Booster.predict(num_threads=1)` (reference/cpu-feasibility.md §4: 1 thread is faster for one row and leaves
+the cores to the model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from predictor.buckets import BucketSpec
+from predictor.dataset import Dataset, SplitSpec
+from predictor.features import DENSE_NAMES, FeatureRow, FeatureSpec, RequestInfo, extract, to_csr, to_dense
+from predictor.knn import KnnIndex
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "kairos-length-predictor"
+_MAX_TOKENS_COL = DENSE_NAMES.index("log_max_tokens")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    median: float  # tokens; what the server puts in AddRequest.rl_mean
+    upper: float  # tokens; the calibrated `quantile`-quantile, AddRequest.rl_q
+    quantile: float
+    bucket: int  # BucketSpec edge of `upper` (EcoServe reserves prompt + bucket)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    quantile: float = 0.9
+    upper_blend: float = 0.5  # weight of the median model in the upper score (0 = the q-model alone)
+    upper_slopes: tuple[float, ...] = (
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        1.0,
+        1.1,
+    )  # candidates for the tilt a; (1.0,) = none
+    learning_rate: float = 0.02
+    num_leaves: int = 31
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 0.5
+    lambda_l2: float = 1.0
+    max_rounds: int = 3000
+    early_stopping_rounds: int = 50
+    num_threads: int = 2  # training only; prediction always uses 1
+    seed: int = 0
+    knn_k: int = 10  # nearest training prompts as features (knn.py); 0 = off
+    knn_folds: int = 5  # out-of-fold kNN features for the train rows
+
+
+def _clamp(median: float, upper: float, max_tokens: int) -> tuple[float, float]:
+    if max_tokens > 0:
+        median, upper = min(median, max_tokens), min(upper, max_tokens)
+    median = max(median, 1.0)
+    return median, max(upper, median)
+
+
+def _max_tokens_of(row: FeatureRow) -> int:
+    return int(round(math.expm1(row.dense[_MAX_TOKENS_COL])))
+
+
+def conformal_offset(scores: np.ndarray, quantile: float) -> float:
+    """The ⌈(n+1)q⌉-th smallest score (split conformal); +inf-safe: with too few points, the largest."""
+    n = len(scores)
+    if n == 0:
+        return 0.0
+    k = min(n, int(math.ceil((n + 1) * quantile)))
+    return float(np.sort(scores)[k - 1])
+
+
+@dataclass
+class LengthPredictor:
+    spec: FeatureSpec
+    median_booster: object  # lightgbm.Booster (lightgbm is imported lazily)
+    upper_booster: object
+    quantile: float
+    offset: float  # conformal correction of the upper score, in log1p space
+    upper_blend: float = 0.0
+    upper_slope: float = 1.0
+    upper_center: float = 0.0
+    buckets: BucketSpec = BucketSpec()
+    baseline: dict = field(default_factory=dict)  # constant-median baseline: {"median": .., "upper": ..}
+    info: dict = field(default_factory=dict)  # training facts: sizes, split, rounds, calibration coverage
+    knn: KnnIndex | None = None  # nearest-training-prompt features (knn.py), prepended to the row
+
+    def design_row(self, row: FeatureRow) -> np.ndarray:
+        x = to_dense(row, self.spec)
+        return x if self.knn is None else np.hstack([self.knn.features(row)[None, :], x])
+
+    def design(self, rows: list[FeatureRow]):
+        return _design(rows, self.spec, self.knn)
+
+    # ---- serving ------------------------------------------------------------------------------------------
+
+    def predict(self, request: RequestInfo) -> Prediction:
+        return self.predict_row(extract(request, self.spec))
+
+    def predict_row(self, row: FeatureRow) -> Prediction:
+        x = self.design_row(row)
+        log_median = float(self.median_booster.predict(x, num_threads=1)[0])
+        log_q = float(self.upper_booster.predict(x, num_threads=1)[0])
+        log_upper = self.log_upper(log_median, log_q)
+        median, upper = _clamp(math.expm1(log_median), math.expm1(log_upper), _max_tokens_of(row))
+        return Prediction(median, upper, self.quantile, self.buckets.bucket(upper))
+
+    def log_upper(self, log_median, log_q):
+        """The calibrated upper bound in log1p space (floats or arrays)."""
+        score = self.upper_blend * log_median + (1.0 - self.upper_blend) * log_q
+        return self.upper_center + self.upper_slope * (score - self.upper_center) + self.offset
+
+    # ---- batches (training, evaluation) --------------------------------------------------------------------
+
+    def predict_many(self, rows: list[FeatureRow]) -> tuple[np.ndarray, np.ndarray]:
+        """(median, upper) arrays, clamped like predict_row."""
+        if not rows:
+            return np.zeros(0), np.zeros(0)
+        x = self.design(rows)
+        log_median = self.median_booster.predict(x, num_threads=1)
+        log_q = self.upper_booster.predict(x, num_threads=1)
+        median = np.expm1(log_median)
+        upper = np.expm1(self.log_upper(log_median, log_q))
+        pairs = [_clamp(m, u, _max_tokens_of(r)) for m, u, r in zip(median, upper, rows, strict=True)]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    # ---- file -----------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        doc = {
+            "format": FORMAT,
+            "version": 1,
+            "spec": self.spec.to_dict(),
+            "quantile": self.quantile,
+            "offset": self.offset,
+            "upper_blend": self.upper_blend,
+            "upper_slope": self.upper_slope,
+            "upper_center": self.upper_center,
+            "buckets": asdict(self.buckets),
+            "baseline": self.baseline,
+            "info": self.info,
+            "knn": self.knn.to_dict() if self.knn is not None else None,
+            "median_model": self.median_booster.model_to_string(),
+            "upper_model": self.upper_booster.model_to_string(),
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LengthPredictor:
+        import lightgbm as lgb
+
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        return cls(
+            spec=FeatureSpec(**doc["spec"]),
+            median_booster=lgb.Booster(model_str=doc["median_model"]),
+            upper_booster=lgb.Booster(model_str=doc["upper_model"]),
+            quantile=doc["quantile"],
+            offset=doc["offset"],
+            upper_blend=doc.get("upper_blend", 0.0),
+            upper_slope=doc.get("upper_slope", 1.0),
+            upper_center=doc.get("upper_center", 0.0),
+            buckets=BucketSpec(**doc["buckets"]),
+            baseline=doc["baseline"],
+            info=doc["info"],
+            knn=KnnIndex.from_dict(doc["knn"]) if doc.get("knn") else None,
+        )
+
+
+@dataclass(frozen=True)
+class ConstantPredictor:
+    """The fallback when no model file loads, and the evaluation baseline: the same numbers for every request.
+
+    Defaults are the SmolLM2 ground truth's median and 0.9-quantile (docs/results/predictor.md).
+    """
+
+    median: float = 256.0
+    upper: float = 1024.0
+    quantile: float = 0.9
+    buckets: BucketSpec = BucketSpec()
+
+    def predict(self, request: RequestInfo) -> Prediction:
+        median, upper = _clamp(self.median, self.upper, request.max_tokens)
+        return Prediction(median, upper, self.quantile, self.buckets.bucket(upper))
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def _booster(train_x, train_y, valid_x, valid_y, alpha: float, params: TrainParams):
+    import lightgbm as lgb
+
+    lgb_params = {
+        "objective": "quantile",
+        "alpha": alpha,
+        "learning_rate": params.learning_rate,
+        "num_leaves": params.num_leaves,
+        "min_data_in_leaf": params.min_data_in_leaf,
+        "feature_fraction": params.feature_fraction,
+        "lambda_l2": params.lambda_l2,
+        "num_threads": params.num_threads,
+        "seed": params.seed,
+        "deterministic": True,
+        "force_col_wise": True,
+        "verbose": -1,
+    }
+    train_set = lgb.Dataset(train_x, train_y, free_raw_data=False)
+    valid_set = lgb.Dataset(valid_x, valid_y, reference=train_set)
+    callbacks = [lgb.early_stopping(params.early_stopping_rounds, verbose=False)]
+    return lgb.train(lgb_params, train_set, params.max_rounds, valid_sets=[valid_set], callbacks=callbacks)
+
+
+def _design(rows: list[FeatureRow], spec: FeatureSpec, knn: KnnIndex | None, knn_features=None):
+    """[len(rows), (4 knn +) num_features] CSR: the kNN columns first, then features.py's layout."""
+    from scipy.sparse import csr_matrix, hstack
+
+    x = to_csr(rows, spec)
+    if knn is None:
+        return x
+    knn_x = knn.features_many(rows) if knn_features is None else knn_features
+    return hstack([csr_matrix(knn_x), x]).tocsr()
+
+
+def _out_of_fold_knn(train: Dataset, spec: FeatureSpec, params: TrainParams) -> np.ndarray:
+    """kNN features of each train row from an index over the other folds (grouped), never from itself."""
+    out = np.zeros((len(train), 4))
+    folds = np.array([SplitSpec(seed=params.seed + 2).fold(key, params.knn_folds) for key in train.keys])
+    log_y = np.log1p(train.y)
+    for f in range(params.knn_folds):
+        inside, outside = np.where(folds == f)[0], np.where(folds != f)[0]
+        if len(inside) == 0 or len(outside) == 0:
+            continue
+        index = KnnIndex.build([train.rows[i] for i in outside], log_y[outside], spec.hash_dim, params.knn_k)
+        out[inside] = index.features_many([train.rows[i] for i in inside])
+    return out
+
+
+def _cheapest_slope(score: np.ndarray, log_y: np.ndarray, center: float, params: TrainParams) -> float:
+    """The tilt whose conformally calibrated bound reserves the fewest tokens on these rows."""
+
+    def cost(slope: float) -> float:
+        tilted = center + slope * (score - center)
+        return float(np.sum(np.expm1(tilted + conformal_offset(log_y - tilted, params.quantile))))
+
+    return min(params.upper_slopes, key=cost) if len(score) else 1.0
+
+
+def fit(
+    train: Dataset,
+    calib: Dataset,
+    spec: FeatureSpec,
+    params: TrainParams | None = None,
+    buckets: BucketSpec | None = None,
+    split: SplitSpec | None = None,
+) -> LengthPredictor:
+    """Fit both quantile models on `train` (early stopping on a grouped 15 % slice of it), then calibrate the
+    upper score on `calib`. With params.knn_k > 0 the kNN index holds every train row; train rows get their
+    kNN features out of fold, calibration rows from the full index (exactly what serving will see)."""
+    params = params or TrainParams()
+    buckets = buckets or BucketSpec()
+    knn = KnnIndex.build(train.rows, np.log1p(train.y), spec.hash_dim, params.knn_k) if params.knn_k else None
+    train_x = _design(train.rows, spec, knn, _out_of_fold_knn(train, spec, params) if knn else None)
+    train_y = np.log1p(train.y)
+    inner = SplitSpec(test_fraction=0.0, calib_fraction=0.15, seed=params.seed + 1)
+    is_stop = np.array([inner.part(key) == "calib" for key in train.keys], dtype=bool)
+    if is_stop.all() or not is_stop.any():  # too few rows to hold some out: stop on the training rows
+        fit_rows = stop_rows = np.arange(len(train))
+    else:
+        fit_rows, stop_rows = np.where(~is_stop)[0], np.where(is_stop)[0]
+    fx, fy, sx, sy = train_x[fit_rows], train_y[fit_rows], train_x[stop_rows], train_y[stop_rows]
+    median_booster = _booster(fx, fy, sx, sy, 0.5, params)
+    upper_booster = _booster(fx, fy, sx, sy, params.quantile, params)
+
+    blend = params.upper_blend
+
+    def score(x) -> np.ndarray:
+        return blend * median_booster.predict(x, num_threads=1) + (1 - blend) * upper_booster.predict(
+            x, num_threads=1
+        )
+
+    center = float(np.mean(score(fx)))
+    slope = _cheapest_slope(score(sx), sy, center, params)
+    cx, cy = _design(calib.rows, spec, knn), np.log1p(calib.y)
+    tilted = center + slope * (score(cx) - center)
+    offset = conformal_offset(cy - tilted, params.quantile)
+    all_y = np.concatenate([train.y, calib.y])
+    predictor = LengthPredictor(
+        spec=spec,
+        median_booster=median_booster,
+        upper_booster=upper_booster,
+        quantile=params.quantile,
+        offset=offset,
+        upper_blend=blend,
+        upper_slope=slope,
+        upper_center=center,
+        buckets=buckets,
+        baseline={"median": float(np.median(all_y)), "upper": float(np.quantile(all_y, params.quantile))},
+        info={
+            "num_train": len(train),
+            "num_calib": len(calib),
+            "rounds_median": median_booster.best_iteration or median_booster.current_iteration(),
+            "rounds_upper": upper_booster.best_iteration or upper_booster.current_iteration(),
+            "calib_coverage": float(np.mean(cy <= tilted + offset)) if len(calib) else None,
+            "split": asdict(split) if split else None,
+            "params": asdict(params),
+        },
+        knn=knn,
+    )
+    logger.info(
+        "trained on %d rows (%d rounds median, %d upper), slope %.2f, calibrated on %d: offset %.3f (x%.2f)",
+        len(train),
+        predictor.info["rounds_median"],
+        predictor.info["rounds_upper"],
+        slope,
+        len(calib),
+        offset,
+        math.exp(offset),
+    )
+    return predictor

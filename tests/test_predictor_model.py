@@ -1,0 +1,79 @@
+"""predictor/model.py on a synthetic dataset with a known length rule (tests/predictor_synth.py)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from predictor_synth import synth_dataset, synth_prompt, true_length
+
+from predictor.features import FeatureSpec, RequestInfo
+from predictor.metrics import length_metrics
+from predictor.model import ConstantPredictor, LengthPredictor, TrainParams, conformal_offset, fit
+
+SPEC = FeatureSpec(hash_dim=256)
+PARAMS = TrainParams(learning_rate=0.1, max_rounds=300, early_stopping_rounds=20, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> LengthPredictor:
+    return fit(synth_dataset(1500, seed=1, spec=SPEC), synth_dataset(800, seed=2, spec=SPEC), SPEC, PARAMS)
+
+
+def test_recovers_the_length_rule(predictor):
+    rng = random.Random(7)
+    for essay in (True, False):
+        prompts = [synth_prompt(rng, essay) for _ in range(200)]
+        preds = [predictor.predict(RequestInfo(p, len(p.split()))) for p in prompts]
+        ratios = [pred.median / true_length(p) for pred, p in zip(preds, prompts, strict=True)]
+        assert 0.8 < np.median(ratios) < 1.25  # the median model follows the rule, keyword and length
+        assert all(pred.median <= pred.upper for pred in preds)
+    test = synth_dataset(1000, seed=3, spec=SPEC)
+    median, upper = predictor.predict_many(test.rows)
+    metrics = length_metrics(test.y, median, upper)
+    assert metrics["kendall_tau"] > 0.6
+    assert metrics["mae"] < 0.5 * np.mean(np.abs(test.y - np.median(test.y)))
+
+
+def test_conformal_calibration_hits_the_target_coverage(predictor):
+    test = synth_dataset(3000, seed=4, spec=SPEC)
+    _, upper = predictor.predict_many(test.rows)
+    assert np.mean(test.y <= upper) == pytest.approx(0.9, abs=0.025)
+
+
+def test_conformal_offset_is_the_finite_sample_quantile():
+    scores = np.arange(1.0, 20.0)  # n = 19: ceil(20 * 0.9) = 18th smallest
+    assert conformal_offset(scores, 0.9) == 18.0
+    assert conformal_offset(np.array([3.0]), 0.9) == 3.0
+    assert conformal_offset(np.array([]), 0.9) == 0.0
+
+
+def test_max_tokens_clamps_both_predictions(predictor):
+    pred = predictor.predict(RequestInfo("write a long essay " * 5, 20, max_tokens=30))
+    assert pred.median <= 30 and pred.upper <= 30 and pred.bucket == 64
+
+
+def test_save_load_round_trip(predictor, tmp_path):
+    path = tmp_path / "model.json"
+    predictor.save(path)
+    loaded = LengthPredictor.load(path)
+    test = synth_dataset(50, seed=5, spec=SPEC)
+    for a, b in zip(predictor.predict_many(test.rows), loaded.predict_many(test.rows), strict=True):
+        np.testing.assert_allclose(a, b)
+    info = RequestInfo("an essay", 2)
+    assert loaded.predict(info) == predictor.predict(info)
+    assert loaded.spec == SPEC and loaded.baseline == predictor.baseline
+
+
+def test_load_rejects_other_files(tmp_path):
+    (tmp_path / "x.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError):
+        LengthPredictor.load(tmp_path / "x.json")
+
+
+def test_constant_predictor_is_clamped():
+    const = ConstantPredictor(median=256, upper=1024)
+    assert const.predict(RequestInfo("x", 1)).upper == 1024
+    small = const.predict(RequestInfo("x", 1, max_tokens=100))
+    assert (small.median, small.upper, small.bucket) == (100, 100, 128)
