@@ -143,13 +143,15 @@ def build_engine_core(config: EngineConfig, check_invariants: bool = False) -> E
     from engine.runner import ModelRunner  # torch lives behind this import
 
     runner = ModelRunner(config.model, config.device, config.scheduler.block_size)
+    warmup_seconds = runner.warmup()  # kernels built and shapes seen before traffic, not on the first request
     core = EngineCore(build_scheduler(config, runner), runner, check_invariants)
     logger.info(
-        "engine ready: model %s on %s, %d KV blocks of %d tokens, policy %s",
+        "engine ready: model %s on %s, %d KV blocks of %d tokens, policy %s (warm-up %.1fs)",
         runner.model_name,
         runner.device,
         runner.num_kv_blocks,
         config.scheduler.block_size,
         config.scheduler.policy,
+        warmup_seconds,
     )
     return core

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable
 
@@ -113,6 +114,10 @@ class EngineClient:
         self._ready_future = self._loop.create_future()
         self._exited = self._loop.create_future()
         self._channel, handles = create_channel_pair(self.ring_capacity)
+        # The child's OpenMP runtime reads this when torch loads. By default idle OpenMP threads spin, and on a
+        # machine whose cores the server process also needs (2 cores here), each parallel region then waits for
+        # a descheduled spinner: 81 vs 511 output tok/s on the offline-128 benchmark (docs/results/throughput.md).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         ctx = multiprocessing.get_context("spawn")
         self._process = ctx.Process(
             target=self.target,
