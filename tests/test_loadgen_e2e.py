@@ -85,3 +85,13 @@ def test_agent_sessions_replay(kairos: str, tmp_path: Path) -> None:
     assert report["total_output_tokens"] == sum(r["max_tokens"] for r in report["requests"])
     assert len(report["per_app"]) >= 1 and report["app_completion_s"]["mean"] > 0
     assert report["jain_index_final"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("workload", ["azure-conv", "azure-code", "mooncake", "servegen"])
+def test_trace_replays(kairos: str, tmp_path: Path, workload: str) -> None:
+    """The trace workloads (token-id prompts on /v1/completions, compressed in time) against the real server."""
+    args = ["--workload", workload, "--num-requests", "3", "--time-scale", "0.001", "--seed", "1"]
+    report = run(kairos, tmp_path / f"{workload}.json", *args)
+    assert report["completed"] == 3 and report["failed"] == 0
+    assert report["total_input_tokens"] == sum(r["prompt_tokens"] for r in report["requests"])
+    assert report["mean_ttft_ms"] > 0 and report["per_tenant"] and report["per_slo_class"]
