@@ -6,7 +6,12 @@ generation_config has no sampling fields, so the OpenAI/vLLM defaults apply), a 
 max_tokens 1024. Each finished request is appended to the JSONL at once (ids and counts only, no text), and a
 rerun skips ids already there, so a cut-off run keeps what it did.
 
-    python -m predictor.groundtruth --out predictor/data/smollm2_lengths.jsonl --num-sharegpt 1900 --num-alpaca 616
+A run cut off early has finished its short requests and not its long ones, so its rows are biased short.
+`--finalize RAW` keeps only the longest prefix of the seeded sample order in which every prompt finished (or was
+skipped as too long): a uniform random sample again, whatever the cut-off.
+
+    python -m predictor.groundtruth --out /tmp/smollm2_lengths.raw.jsonl --max-num-seqs 128
+    python -m predictor.groundtruth --finalize /tmp/smollm2_lengths.raw.jsonl --out predictor/data/smollm2_lengths.jsonl
 """
 
 from __future__ import annotations
@@ -47,6 +52,46 @@ def done_ids(out: Path) -> set[tuple[str, str]]:
         return set()
     with open(out, encoding="utf-8") as f:
         return {(row["source"], row["id"]) for row in map(json.loads, filter(str.strip, f))}
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finalize(args: argparse.Namespace) -> None:
+    from engine.model_store import resolve_model
+    from server.schema import Message
+    from server.tokenizer import Tokenizer
+
+    done: dict[tuple[str, str], dict] = {}
+    for row in read_rows(Path(args.finalize)):
+        done.setdefault((row["source"], row["id"]), row)  # a restarted run may have written a row twice
+    tokenizer = Tokenizer.load(resolve_model(args.model))
+    sample = sample_prompts(Path(args.data_dir), args.num_sharegpt, args.num_alpaca, args.seed)
+    kept, num_skipped = [], 0
+    for order, prompt in enumerate(sample):
+        if (row := done.get((prompt.source, prompt.id))) is not None:
+            kept.append({**row, "order": order})
+        elif len(tokenizer.encode_chat([Message(role="user", content=prompt.text)])) > args.max_prompt_tokens:
+            num_skipped += 1
+        else:
+            break  # the first prompt that did not finish ends the unbiased prefix
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+    lengths = sorted(row["output_tokens"] for row in kept)
+    num_length = sum(row["finish_reason"] == "length" for row in kept)
+    logger.info(
+        "%d of %d finished rows form the complete prefix (%d sampled prompts in it skipped as too long); "
+        "%d finished beyond it dropped; output tokens median %d, mean %.0f; %d hit max_tokens",
+        len(kept),
+        len(done),
+        num_skipped,
+        len(done) - len(kept),
+        lengths[len(lengths) // 2] if lengths else 0,
+        sum(lengths) / max(len(lengths), 1),
+        num_length,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -156,9 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-memory", default="5GiB")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=float, default=30.0)
+    parser.add_argument(
+        "--finalize", metavar="RAW", help="write RAW's complete-prefix rows to --out, then exit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args)
+    finalize(args) if args.finalize else run(args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,16 @@ import numpy as np
 
 from predictor.buckets import BucketSpec
 from predictor.dataset import Dataset, SplitSpec
-from predictor.features import DENSE_NAMES, FeatureRow, FeatureSpec, RequestInfo, extract, to_csr, to_dense
+from predictor.features import (
+    DENSE_NAMES,
+    FEATURE_VERSION,
+    FeatureRow,
+    FeatureSpec,
+    RequestInfo,
+    extract,
+    to_csr,
+    to_dense,
+)
 from predictor.knn import KnnIndex
 
 logger = logging.getLogger(__name__)
@@ -173,6 +182,12 @@ class LengthPredictor:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         if doc.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file")
+        if (
+            doc["spec"].get("version") != FEATURE_VERSION
+        ):  # features.py changed since: the trees would misread
+            raise ValueError(
+                f"{path}: features v{doc['spec'].get('version')}, this code computes v{FEATURE_VERSION}"
+            )
         return cls(
             spec=FeatureSpec(**doc["spec"]),
             median_booster=lgb.Booster(model_str=doc["median_model"]),

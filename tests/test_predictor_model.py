@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -66,10 +67,16 @@ def test_save_load_round_trip(predictor, tmp_path):
     assert loaded.spec == SPEC and loaded.baseline == predictor.baseline
 
 
-def test_load_rejects_other_files(tmp_path):
+def test_load_rejects_other_files_and_other_feature_versions(predictor, tmp_path):
     (tmp_path / "x.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError):
         LengthPredictor.load(tmp_path / "x.json")
+    predictor.save(tmp_path / "old.json")
+    doc = json.loads((tmp_path / "old.json").read_text())
+    doc["spec"]["version"] -= 1
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="features v"):
+        LengthPredictor.load(tmp_path / "old.json")
 
 
 def test_constant_predictor_is_clamped():
