@@ -3,16 +3,12 @@ a chained agent-session replay with token-id prompts, a few requests with small 
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
+from live_server import live_server
 
 from loadgen.cli import main
 from loadgen.datasets import DEFAULT_DATA_DIR
@@ -22,44 +18,11 @@ pytestmark = [
     pytest.mark.skipif(not DEFAULT_DATA_DIR.is_dir(), reason="needs ../shared/data"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def kairos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("loadgen-e2e") / "server.log"
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--model", "default"]
-    cmd += ["--max-model-len", "2048", "--kv-cache-memory", "128MiB"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"server exited:\n{log_path.read_text(errors='replace')[-3000:]}"
-            assert time.monotonic() < deadline, "server did not become healthy"
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with live_server(tmp_path_factory.mktemp("loadgen-e2e"), "--max-model-len", "2048") as server:
+        yield server.base_url
 
 
 def run(base_url: str, out: Path, *args: str) -> dict:
