@@ -1,6 +1,6 @@
 """Per-request latency of the predictor as the server pays it: features + kNN + both boosters (LengthTagger.tag).
 
-    python -m predictor.bench --model predictor/models/smollm2.json --data ../shared/data/sharegpt_first_turn.jsonl \
+    python -m predictor.bench --model predictor/models/smollm2.json.gz --data ../shared/data/sharegpt_first_turn.jsonl \
         [--num 2000] [--json OUT]
 
 Real prompts, one at a time, in file order, after a warm-up; reports p50/p90/p99/max in ms. Run it on an idle

@@ -4,7 +4,8 @@
         [--base predictor/data/smollm2_lengths.jsonl] [train.py options]
 
 refit = train on the base data (ground truth of the served model) plus every logged request; the logged rows
-carry feature vectors, not text, so they join training and calibration but never the kNN text index.
+carry feature vectors, not text (their split group is a hash of the vector). Pass `--prior` again if the model
+being replaced had one (docs/results/predictor.md).
 """
 
 from __future__ import annotations

@@ -59,6 +59,23 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_prior_data(args: argparse.Namespace) -> None:
+    """ShareGPT rows (ChatGPT lengths) whose prompt text is not in the ground-truth sample: training data for a
+    `--prior` model that never saw the prompts it will describe (predictor/train.py)."""
+    from predictor.dataset import group_key
+    from predictor.prompts import SHAREGPT_FILE
+
+    sample = sample_prompts(Path(args.data_dir), args.num_sharegpt, args.num_alpaca, args.seed)
+    taken = {group_key(p.text) for p in sample}
+    num_kept = 0
+    with open(Path(args.data_dir) / SHAREGPT_FILE, encoding="utf-8") as f, open(args.out, "w") as out:
+        for line in f:
+            if group_key(json.loads(line)["prompt"]) not in taken:
+                out.write(line)
+                num_kept += 1
+    logger.info("%d ShareGPT rows outside the sample written to %s", num_kept, args.out)
+
+
 def finalize(args: argparse.Namespace) -> None:
     from engine.model_store import resolve_model
     from server.schema import Message
@@ -204,9 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--finalize", metavar="RAW", help="write RAW's complete-prefix rows to --out, then exit"
     )
+    parser.add_argument(
+        "--prior-data", action="store_true", help="write ShareGPT rows outside the sample to --out, then exit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    finalize(args) if args.finalize else run(args)
+    if args.prior_data:
+        write_prior_data(args)
+    elif args.finalize:
+        finalize(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ calibration split that training never saw, r_i = log1p(y_i) − u(x_i); the offs
 so P(y ≤ expm1(u(x) + offset)) ≥ q for a new exchangeable request. Predictions are clamped to the request's
 max_tokens (the engine never generates more), and upper ≥ median.
 
-One file holds everything: JSON metadata with both boosters as LightGBM model text. Serving calls
+One file holds everything: JSON metadata with both boosters as LightGBM model text (gzip'd when named *.gz). Serving calls
 `Booster.predict(num_threads=1)` (reference/cpu-feasibility.md §4: 1 thread is faster for one row and leaves
 the cores to the model).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -113,13 +114,23 @@ class LengthPredictor:
     baseline: dict = field(default_factory=dict)  # constant-median baseline: {"median": .., "upper": ..}
     info: dict = field(default_factory=dict)  # training facts: sizes, split, rounds, calibration coverage
     knn: KnnIndex | None = None  # nearest-training-prompt features (knn.py), prepended to the row
+    prior: LengthPredictor | None = (
+        None  # a model of another responder (ChatGPT); its log-median is a feature
+    )
 
     def design_row(self, row: FeatureRow) -> np.ndarray:
-        x = to_dense(row, self.spec)
-        return x if self.knn is None else np.hstack([self.knn.features(row)[None, :], x])
+        """[1, columns]: (prior log-median,) (kNN,) then features.py's layout."""
+        parts = [to_dense(row, self.spec)]
+        if self.knn is not None:
+            parts.insert(0, self.knn.features(row)[None, :])
+        if self.prior is not None:
+            parts.insert(
+                0, self.prior.median_booster.predict(self.prior.design_row(row), num_threads=1)[:, None]
+            )
+        return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     def design(self, rows: list[FeatureRow]):
-        return _design(rows, self.spec, self.knn)
+        return _design(rows, self.spec, self.knn, prior=self.prior)
 
     # ---- serving ------------------------------------------------------------------------------------------
 
@@ -156,7 +167,14 @@ class LengthPredictor:
     # ---- file -----------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        doc = {
+        """JSON; gzip-compressed when the name ends in .gz (the shipped model: ~4x smaller)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(self.to_doc()).encode("utf-8")
+        path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+    def to_doc(self) -> dict:
+        return {
             "format": FORMAT,
             "version": 1,
             "spec": self.spec.to_dict(),
@@ -169,17 +187,22 @@ class LengthPredictor:
             "baseline": self.baseline,
             "info": self.info,
             "knn": self.knn.to_dict() if self.knn is not None else None,
+            "prior": self.prior.to_doc() if self.prior is not None else None,
             "median_model": self.median_booster.model_to_string(),
             "upper_model": self.upper_booster.model_to_string(),
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> LengthPredictor:
+        data = Path(path).read_bytes()
+        if data[:2] == b"\x1f\x8b":  # gzip magic
+            data = gzip.decompress(data)
+        return cls.from_doc(json.loads(data), str(path))
+
+    @classmethod
+    def from_doc(cls, doc: dict, path: str = "model") -> LengthPredictor:
         import lightgbm as lgb
 
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
         if doc.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file")
         if (
@@ -201,6 +224,7 @@ class LengthPredictor:
             baseline=doc["baseline"],
             info=doc["info"],
             knn=KnnIndex.from_dict(doc["knn"]) if doc.get("knn") else None,
+            prior=cls.from_doc(doc["prior"], f"{path} (prior)") if doc.get("prior") else None,
         )
 
 
@@ -247,15 +271,22 @@ def _booster(train_x, train_y, valid_x, valid_y, alpha: float, params: TrainPara
     return lgb.train(lgb_params, train_set, params.max_rounds, valid_sets=[valid_set], callbacks=callbacks)
 
 
-def _design(rows: list[FeatureRow], spec: FeatureSpec, knn: KnnIndex | None, knn_features=None):
-    """[len(rows), (4 knn +) num_features] CSR: the kNN columns first, then features.py's layout."""
+def _design(
+    rows: list[FeatureRow],
+    spec: FeatureSpec,
+    knn: KnnIndex | None,
+    knn_features: np.ndarray | None = None,
+    prior: LengthPredictor | None = None,
+):
+    """[len(rows), columns] CSR, laid out as design_row: (prior,) (kNN,) then features.py's layout."""
     from scipy.sparse import csr_matrix, hstack
 
-    x = to_csr(rows, spec)
-    if knn is None:
-        return x
-    knn_x = knn.features_many(rows) if knn_features is None else knn_features
-    return hstack([csr_matrix(knn_x), x]).tocsr()
+    parts = [to_csr(rows, spec)]
+    if knn is not None:
+        parts.insert(0, csr_matrix(knn.features_many(rows) if knn_features is None else knn_features))
+    if prior is not None:
+        parts.insert(0, csr_matrix(prior.median_booster.predict(prior.design(rows), num_threads=1)[:, None]))
+    return parts[0] if len(parts) == 1 else hstack(parts).tocsr()
 
 
 def _out_of_fold_knn(train: Dataset, spec: FeatureSpec, params: TrainParams) -> np.ndarray:
@@ -289,6 +320,7 @@ def fit(
     params: TrainParams | None = None,
     buckets: BucketSpec | None = None,
     split: SplitSpec | None = None,
+    prior: LengthPredictor | None = None,
 ) -> LengthPredictor:
     """Fit both quantile models on `train` (early stopping on a grouped 15 % slice of it), then calibrate the
     upper score on `calib`. With params.knn_k > 0 the kNN index holds every train row; train rows get their
@@ -296,7 +328,9 @@ def fit(
     params = params or TrainParams()
     buckets = buckets or BucketSpec()
     knn = KnnIndex.build(train.rows, np.log1p(train.y), spec.hash_dim, params.knn_k) if params.knn_k else None
-    train_x = _design(train.rows, spec, knn, _out_of_fold_knn(train, spec, params) if knn else None)
+    if prior is not None and prior.spec != spec:
+        raise ValueError(f"the prior computes features {prior.spec}, this model {spec}")
+    train_x = _design(train.rows, spec, knn, _out_of_fold_knn(train, spec, params) if knn else None, prior)
     train_y = np.log1p(train.y)
     inner = SplitSpec(test_fraction=0.0, calib_fraction=0.15, seed=params.seed + 1)
     is_stop = np.array([inner.part(key) == "calib" for key in train.keys], dtype=bool)
@@ -317,7 +351,7 @@ def fit(
 
     center = float(np.mean(score(fx)))
     slope = _cheapest_slope(score(sx), sy, center, params)
-    cx, cy = _design(calib.rows, spec, knn), np.log1p(calib.y)
+    cx, cy = _design(calib.rows, spec, knn, prior=prior), np.log1p(calib.y)
     tilted = center + slope * (score(cx) - center)
     offset = conformal_offset(cy - tilted, params.quantile)
     all_y = np.concatenate([train.y, calib.y])
@@ -342,6 +376,7 @@ def fit(
             "params": asdict(params),
         },
         knn=knn,
+        prior=prior,
     )
     logger.info(
         "trained on %d rows (%d rounds median, %d upper), slope %.2f, calibrated on %d: offset %.3f (x%.2f)",

@@ -24,7 +24,7 @@ from predictor.model import ConstantPredictor, LengthPredictor, Prediction
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "smollm2.json"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "smollm2.json.gz"
 
 
 class _Predictor(Protocol):

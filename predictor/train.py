@@ -68,12 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-leaves", type=int, default=TrainParams.num_leaves)
     parser.add_argument("--min-data-in-leaf", type=int, default=TrainParams.min_data_in_leaf)
     parser.add_argument("--feature-fraction", type=float, default=TrainParams.feature_fraction)
+    parser.add_argument(
+        "--knn-k", type=int, default=TrainParams.knn_k, help="nearest prompts as features; 0 = off"
+    )
+    parser.add_argument(
+        "--prior",
+        help="a model trained on another responder's lengths (e.g. ShareGPT's ChatGPT answers, on prompts not in "
+        "--data): its predicted log-median becomes a feature, and it is stored inside the new model",
+    )
     parser.add_argument("--threads", type=int, default=TrainParams.num_threads)
     return parser
 
 
 def train(args: argparse.Namespace) -> LengthPredictor:
-    spec = FeatureSpec(hash_dim=args.hash_dim)
+    prior = LengthPredictor.load(args.prior) if args.prior else None
+    spec = prior.spec if prior is not None else FeatureSpec(hash_dim=args.hash_dim)
     split = SplitSpec(args.test_fraction, args.calib_fraction, args.split_seed)
     data = Dataset()
     for path in args.data:
@@ -87,6 +96,7 @@ def train(args: argparse.Namespace) -> LengthPredictor:
         num_leaves=args.num_leaves,
         min_data_in_leaf=args.min_data_in_leaf,
         feature_fraction=args.feature_fraction,
+        knn_k=args.knn_k,
         num_threads=args.threads,
     )
     predictor = fit(
@@ -96,8 +106,10 @@ def train(args: argparse.Namespace) -> LengthPredictor:
         params,
         BucketSpec.parse(args.buckets),
         split,
+        prior,
     )
     predictor.info["data"] = [str(p) for p in args.data] + [str(p) for p in args.log]
+    predictor.info["prior"] = args.prior
     predictor.info["fields"] = {
         "prompt": args.prompt_field,
         "target": args.target_field,

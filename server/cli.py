@@ -114,7 +114,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictor",
         default="default",
         metavar="PATH",
-        help="'default' (the shipped SmolLM2 model, predictor/models/smollm2.json), a model file from "
+        help="'default' (the shipped SmolLM2 model, predictor/models/smollm2.json.gz), a model file from "
         "`kairos predictor train/refit`, or 'none' (constants: median 256, upper 1024 tokens)",
     )
     predictor.add_argument(

@@ -55,9 +55,11 @@ def test_max_tokens_clamps_both_predictions(predictor):
     assert pred.median <= 30 and pred.upper <= 30 and pred.bucket == 64
 
 
-def test_save_load_round_trip(predictor, tmp_path):
-    path = tmp_path / "model.json"
+@pytest.mark.parametrize("name", ["model.json", "model.json.gz"])
+def test_save_load_round_trip(predictor, tmp_path, name):
+    path = tmp_path / name
     predictor.save(path)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == name.endswith(".gz")
     loaded = LengthPredictor.load(path)
     test = synth_dataset(50, seed=5, spec=SPEC)
     for a, b in zip(predictor.predict_many(test.rows), loaded.predict_many(test.rows), strict=True):
@@ -84,3 +86,26 @@ def test_constant_predictor_is_clamped():
     assert const.predict(RequestInfo("x", 1)).upper == 1024
     small = const.predict(RequestInfo("x", 1, max_tokens=100))
     assert (small.median, small.upper, small.bucket) == (100, 100, 128)
+
+
+def test_a_prior_model_feeds_its_prediction_and_travels_in_the_file(predictor, tmp_path):
+    # The "served model" answers 3x shorter than the prior's responder: the prior's log-median is its best feature.
+    train, calib = synth_dataset(600, seed=6, spec=SPEC), synth_dataset(300, seed=7, spec=SPEC)
+    for data in (train, calib):
+        data.targets = [max(1.0, t / 3) for t in data.targets]
+    child = fit(train, calib, SPEC, PARAMS, prior=predictor)
+    assert child.design_row(train.rows[0]).shape[1] == child.design(train.rows[:2]).shape[1]
+    child.save(tmp_path / "child.json")
+    loaded = LengthPredictor.load(tmp_path / "child.json")
+    assert loaded.prior is not None and loaded.prior.offset == predictor.offset
+    info = RequestInfo("write an essay about the river", 6)
+    assert loaded.predict(info) == child.predict(info)
+    assert child.predict(info).median == pytest.approx(predictor.predict(info).median / 3, rel=0.35)
+    with pytest.raises(ValueError, match="prior computes features"):
+        fit(
+            synth_dataset(100, 8, FeatureSpec(hash_dim=128)),
+            synth_dataset(50, 9, FeatureSpec(hash_dim=128)),
+            FeatureSpec(hash_dim=128),
+            PARAMS,
+            prior=predictor,
+        )
