@@ -8,7 +8,13 @@ rerun skips ids already there, so a cut-off run keeps what it did.
 
 A run cut off early has finished its short requests and not its long ones, so its rows are biased short.
 `--finalize RAW` keeps only the longest prefix of the seeded sample order in which every prompt finished (or was
-skipped as too long): a uniform random sample again, whatever the cut-off.
+skipped as too long): a uniform random sample again, whatever the cut-off. `--max-order N` queues only the first N
+prompts, so a last pass drains instead of being cut off.
+
+Restarting is safe only if the engine draws the same tokens for the same seed. When the engine changed in between
+(another sampler, other kernels), an unfinished prompt gets a fresh trajectory, i.e. a second chance to stop early,
+while the earlier run kept only its short finishers: that biases the rows short. Then delete the earlier run's
+rows and let the new engine redraw those prompts too (docs/results/predictor.md: it happened once).
 
     python -m predictor.groundtruth --out /tmp/smollm2_lengths.raw.jsonl --max-num-seqs 128
     python -m predictor.groundtruth --finalize /tmp/smollm2_lengths.raw.jsonl --out predictor/data/smollm2_lengths.jsonl
@@ -123,7 +129,11 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     already = done_ids(out)
     sample = sample_prompts(Path(args.data_dir), args.num_sharegpt, args.num_alpaca, args.seed)
-    prompts = [(order, p) for order, p in enumerate(sample) if (p.source, p.id) not in already]
+    prompts = [
+        (order, p)
+        for order, p in enumerate(sample)
+        if (p.source, p.id) not in already and order < args.max_order
+    ]
     logger.info("%d prompts to run (%d already in %s)", len(prompts), len(already), out)
     tokenizer = Tokenizer.load(resolve_model(args.model))
     config = EngineConfig(
@@ -218,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-memory", default="5GiB")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=float, default=30.0)
+    parser.add_argument(
+        "--max-order",
+        type=int,
+        default=10**9,
+        help="queue only the first N prompts of the sample order: a last pass that drains, so the prefix is whole",
+    )
     parser.add_argument(
         "--finalize", metavar="RAW", help="write RAW's complete-prefix rows to --out, then exit"
     )
