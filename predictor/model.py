@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "kairos-length-predictor"
 _MAX_TOKENS_COL = DENSE_NAMES.index("log_max_tokens")
+# Seeds of the inner splits (early-stopping slice, kNN folds), far from any --split-seed: with equal seeds the
+# inner hash equals the outer one, and every train row would fall on the same side of the inner split.
+_STOP_SLICE_SALT = 1_000_003
+_KNN_FOLD_SALT = 2_000_003
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class Prediction:
 class TrainParams:
     quantile: float = 0.9
     upper_blend: float = 0.5  # weight of the median model in the upper score (0 = the q-model alone)
+    # the other model of the upper score: "quantile" (pinball at q) or "mean" (L2 on log1p: a smooth score where
+    # the q-quantile itself is flat, e.g. when most requests run to max_tokens)
+    upper_base: str = "quantile"
     upper_slopes: tuple[float, ...] = (
         0.6,
         0.7,
@@ -248,12 +255,12 @@ class ConstantPredictor:
 # ---- training --------------------------------------------------------------------------------------------------
 
 
-def _booster(train_x, train_y, valid_x, valid_y, alpha: float, params: TrainParams):
+def _booster(train_x, train_y, valid_x, valid_y, alpha: float | None, params: TrainParams):
+    """alpha: the quantile to fit (pinball loss); None = the mean (L2)."""
     import lightgbm as lgb
 
     lgb_params = {
-        "objective": "quantile",
-        "alpha": alpha,
+        **({"objective": "regression"} if alpha is None else {"objective": "quantile", "alpha": alpha}),
         "learning_rate": params.learning_rate,
         "num_leaves": params.num_leaves,
         "min_data_in_leaf": params.min_data_in_leaf,
@@ -292,7 +299,9 @@ def _design(
 def _out_of_fold_knn(train: Dataset, spec: FeatureSpec, params: TrainParams) -> np.ndarray:
     """kNN features of each train row from an index over the other folds (grouped), never from itself."""
     out = np.zeros((len(train), 4))
-    folds = np.array([SplitSpec(seed=params.seed + 2).fold(key, params.knn_folds) for key in train.keys])
+    folds = np.array(
+        [SplitSpec(seed=_KNN_FOLD_SALT + params.seed).fold(key, params.knn_folds) for key in train.keys]
+    )
     log_y = np.log1p(train.y)
     for f in range(params.knn_folds):
         inside, outside = np.where(folds == f)[0], np.where(folds != f)[0]
@@ -332,7 +341,7 @@ def fit(
         raise ValueError(f"the prior computes features {prior.spec}, this model {spec}")
     train_x = _design(train.rows, spec, knn, _out_of_fold_knn(train, spec, params) if knn else None, prior)
     train_y = np.log1p(train.y)
-    inner = SplitSpec(test_fraction=0.0, calib_fraction=0.15, seed=params.seed + 1)
+    inner = SplitSpec(test_fraction=0.0, calib_fraction=0.15, seed=_STOP_SLICE_SALT + params.seed)
     is_stop = np.array([inner.part(key) == "calib" for key in train.keys], dtype=bool)
     if is_stop.all() or not is_stop.any():  # too few rows to hold some out: stop on the training rows
         fit_rows = stop_rows = np.arange(len(train))
@@ -340,7 +349,10 @@ def fit(
         fit_rows, stop_rows = np.where(~is_stop)[0], np.where(is_stop)[0]
     fx, fy, sx, sy = train_x[fit_rows], train_y[fit_rows], train_x[stop_rows], train_y[stop_rows]
     median_booster = _booster(fx, fy, sx, sy, 0.5, params)
-    upper_booster = _booster(fx, fy, sx, sy, params.quantile, params)
+    if params.upper_base not in ("quantile", "mean"):
+        raise ValueError(f"upper_base must be 'quantile' or 'mean', got {params.upper_base!r}")
+    upper_alpha = params.quantile if params.upper_base == "quantile" else None
+    upper_booster = _booster(fx, fy, sx, sy, upper_alpha, params)
 
     blend = params.upper_blend
 

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-data-in-leaf", type=int, default=TrainParams.min_data_in_leaf)
     parser.add_argument("--feature-fraction", type=float, default=TrainParams.feature_fraction)
     parser.add_argument(
+        "--upper-base",
+        choices=("quantile", "mean"),
+        default=TrainParams.upper_base,
+        help="the upper score blends the median model with the q-quantile model or an L2 log-mean model",
+    )
+    parser.add_argument(
         "--knn-k", type=int, default=TrainParams.knn_k, help="nearest prompts as features; 0 = off"
     )
     parser.add_argument(
@@ -92,6 +98,7 @@ def train(args: argparse.Namespace) -> LengthPredictor:
     params = TrainParams(
         quantile=args.quantile,
         upper_blend=args.upper_blend,
+        upper_base=args.upper_base,
         learning_rate=args.learning_rate,
         num_leaves=args.num_leaves,
         min_data_in_leaf=args.min_data_in_leaf,

@@ -109,3 +109,20 @@ def test_a_prior_model_feeds_its_prediction_and_travels_in_the_file(predictor, t
             PARAMS,
             prior=predictor,
         )
+
+
+def test_upper_score_from_the_mean_model_is_calibrated_too():
+    params = TrainParams(
+        learning_rate=0.1,
+        max_rounds=300,
+        early_stopping_rounds=20,
+        num_threads=1,
+        upper_base="mean",
+        upper_blend=0.0,
+    )
+    model = fit(synth_dataset(1500, seed=1, spec=SPEC), synth_dataset(800, seed=2, spec=SPEC), SPEC, params)
+    test = synth_dataset(3000, seed=4, spec=SPEC)
+    _, upper = model.predict_many(test.rows)
+    assert np.mean(test.y <= upper) == pytest.approx(0.9, abs=0.025)
+    with pytest.raises(ValueError, match="upper_base"):
+        fit(synth_dataset(100, 1, SPEC), synth_dataset(50, 2, SPEC), SPEC, TrainParams(upper_base="max"))
