@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from engine.batch import ModelOutput, SchedulerOutput
@@ -130,11 +130,13 @@ def queue_stats(
     return [QueueStat(*group) for group in groups]
 
 
-def build_scheduler(config: EngineConfig, runner: Runner) -> Scheduler:
+def build_scheduler(
+    config: EngineConfig, runner: Runner, clock: Callable[[], float] = time.monotonic
+) -> Scheduler:
     sched = config.scheduler
     block_manager = BlockManager(runner.num_kv_blocks, sched.block_size, sched.enable_prefix_caching)
     return Scheduler(
-        sched, block_manager, make_policy(sched.policy), runner.max_model_len, runner.eos_token_ids
+        sched, block_manager, make_policy(sched.policy), runner.max_model_len, runner.eos_token_ids, clock
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
 from engine.block_manager import BlockManager
@@ -33,8 +34,10 @@ class Scheduler:
         policy: SchedulingPolicy,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock  # monotonic seconds; the simulator passes a virtual clock
         self.block_manager = block_manager
         self.policy = policy
         self.max_model_len = max_model_len
@@ -56,6 +59,7 @@ class Scheduler:
         if error := self._never_fits(request):
             request.finish(FinishReason.ERROR, error)
             return TokenDelta(request.request_id, [], FinishReason.ERROR, request.num_prompt_tokens, 0, error)
+        request.queued_time = self.clock()
         self.requests[request.request_id] = request
         self.waiting.append(request)
         return None
@@ -147,7 +151,7 @@ class Scheduler:
         if request.status == RequestStatus.WAITING:  # first admission: count the prefix lookup once
             self.block_manager.record_prefix_lookup(request.num_prompt_tokens, num_cached)
             request.num_cached_tokens = num_cached
-            request.mark_scheduled(time.monotonic())
+            request.mark_scheduled(self.clock())
         request.num_computed_tokens = num_cached
         request.status = RequestStatus.RUNNING
         self.waiting.remove(request)
