@@ -84,11 +84,16 @@ def _fields_of_add_request(m: AddRequest) -> list:
         m.cache_salt,
         m.rl_mean,
         m.rl_q,
+        m.app_type,
+        m.app_num_requests,
+        m.app_cost,
+        m.tenant_weight,
     ]
 
 
 def _add_request_of(f: list) -> AddRequest:
-    rid, prompt, s, arrival, tenant, app_id, slo_class, priority, cache_salt, rl_mean, rl_q = f
+    rid, prompt, s, arrival, tenant, app_id, slo_class, priority, cache_salt, rl_mean, rl_q = f[:11]
+    app_type, app_num_requests, app_cost, tenant_weight = f[11:]
     max_tokens, temperature, top_p, top_k, min_p, seed, stop_token_ids, ignore_eos = s
     sampling = SamplingParams(
         max_tokens=int(max_tokens),
@@ -112,6 +117,10 @@ def _add_request_of(f: list) -> AddRequest:
         cache_salt=cache_salt,
         rl_mean=_float(rl_mean),
         rl_q=_float(rl_q),
+        app_type=str(app_type),
+        app_num_requests=int(app_num_requests),
+        app_cost=_float(app_cost),
+        tenant_weight=_float(tenant_weight),
     )
 
 
@@ -180,7 +189,7 @@ def _stats_of(f: list) -> EngineStats:
 
 # tag -> (type, number of fields, fields_of, of_fields); TokenDeltaBatch is struct-packed (below), not here.
 _JSON_LAYOUTS: dict[int, tuple[type, int, Callable[[Any], list], Callable[[list], Any]]] = {
-    TAG_ADD_REQUEST: (AddRequest, 11, _fields_of_add_request, _add_request_of),
+    TAG_ADD_REQUEST: (AddRequest, 15, _fields_of_add_request, _add_request_of),
     TAG_ABORT: (Abort, 1, lambda m: [m.request_ids], lambda f: Abort(request_ids=list(f[0]))),
     TAG_SHUTDOWN: (Shutdown, 1, lambda m: [m.reason], lambda f: Shutdown(reason=f[0])),
     TAG_READY: (Ready, 6, _fields_of_ready, _ready_of),

@@ -62,6 +62,13 @@ class AddRequest:
     # Response-length prediction (tokens), filled by predictor/ in the server; 0 = no prediction.
     rl_mean: float = 0.0
     rl_q: float = 0.0
+    # Justitia (engine/fairness.py): the application's declared shape, its predicted total cost in KV token-time
+    # (Σ p·d + d²/2 over its requests; predicted once per app by predictor/app_cost.py in the server, 0 = none),
+    # and the tenant's fair-share weight (`--tenant-weights`).
+    app_type: str = ""  # "" = undeclared; else one of server/schema.py's APP_TYPES
+    app_num_requests: int = 0  # declared number of requests in the app; 0 = undeclared
+    app_cost: float = 0.0
+    tenant_weight: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,10 @@ class Request:
         cache_salt: str = "",
         rl_mean: float = 0.0,
         rl_q: float = 0.0,
+        app_type: str = "",
+        app_num_requests: int = 0,
+        app_cost: float = 0.0,
+        tenant_weight: float = 1.0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -68,6 +72,10 @@ class Request:
         self.cache_salt = cache_salt
         self.rl_mean = rl_mean
         self.rl_q = rl_q
+        self.app_type = app_type  # Justitia (engine/fairness.py): the app's declared shape, predicted cost,
+        self.app_num_requests = app_num_requests  # and the tenant's weight, as AddRequest carries them
+        self.app_cost = app_cost
+        self.tenant_weight = tenant_weight
 
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
@@ -95,6 +103,10 @@ class Request:
             cache_salt=msg.cache_salt,
             rl_mean=msg.rl_mean,
             rl_q=msg.rl_q,
+            app_type=msg.app_type,
+            app_num_requests=msg.app_num_requests,
+            app_cost=msg.app_cost,
+            tenant_weight=msg.tenant_weight,
         )
 
     # ---- derived values ----------------------------------------------------------------------------------
