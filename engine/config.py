@@ -30,6 +30,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # KV ledger and EcoServe (engine/kv_ledger.py, engine/policy.py); ignored by policies without reservations.
+    kv_reserve_fraction: float = 0.05  # global reserve for under-predicted requests, fraction of the pool
+    rl_bucket_width: int = 64  # tokens per response-length bucket (reservation = prompt + bucket(rl_q))
+    admission_window: int = 8  # non-blocking policies stop after this many waiting requests fail to fit
+    ecoserve_lending: bool = True  # ablation "no lending": reservations must fit flat, no KVC pipelining
+    ecoserve_grouping: bool = True  # ablation "no grouping": account every GT on its own
+    ecoserve_ordering: bool = True  # ablation "no ordering": FCFS instead of EcoServe's KV-aware order
 
 
 @dataclass(frozen=True)

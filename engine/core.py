@@ -136,7 +136,12 @@ def build_scheduler(
     sched = config.scheduler
     block_manager = BlockManager(runner.num_kv_blocks, sched.block_size, sched.enable_prefix_caching)
     return Scheduler(
-        sched, block_manager, make_policy(sched.policy), runner.max_model_len, runner.eos_token_ids, clock
+        sched,
+        block_manager,
+        make_policy(sched.policy, sched),
+        runner.max_model_len,
+        runner.eos_token_ids,
+        clock,
     )
 
 

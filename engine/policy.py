@@ -1,74 +1,99 @@
-"""Scheduling policies: small objects the scheduler loop calls, never `if policy == ...` inside the loop.
+"""Scheduling policies: each is a composition of small objects the scheduler loop calls, never `if policy == ...`:
 
-A policy answers four questions each step:
-  - in which order to try the waiting requests            (`waiting_order`)
-  - whether a waiting request may be admitted now          (`can_admit`)
-  - which running request to preempt when KV runs out      (`select_victim`)
-  - whether to admit at all in a step that preempted       (`admit_after_preemption`), and whether a request that
-    cannot be admitted blocks the ones behind it           (`blocking_admission`)
+  - an `Ordering` (engine/ordering.py): the order of running and waiting requests;
+  - a KV ledger (engine/kv_ledger.py): whether a waiting request may start, by its reservation;
+  - a `VictimSelector` (engine/pressure.py): who gives KV back when a running request cannot get a block;
+  - two rules of the admission loop: how many waiting requests may fail to fit before it stops
+    (`admission_window`; 1 is vLLM's head-of-line blocking), and whether it admits in a step that preempted.
 
-The later papers (EcoServe, Justitia, QLM, KunServe) add policies here and in small objects beside it.
+`POLICIES` maps `--policy` names to builders taking the frozen SchedulerConfig (DESIGN §4's table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
-from engine.request import Request, RequestStatus
+from engine.config import SchedulerConfig
+from engine.kv_ledger import KVLedger, LedgerConfig, NoReservations
+from engine.ordering import EcoServeOrder, FcfsOrder, Ordering, ShortestRemainingOrder
+from engine.pressure import LedgerVictim, LongestRemainingVictim, NewestVictim, VictimSelector
+
+LedgerFactory = Callable[[BlockManager, int], KVLedger | NoReservations]  # (blocks, max_model_len) -> ledger
 
 
-class SchedulingPolicy(Protocol):
+@dataclass(frozen=True)
+class SchedulingPolicy:
     name: str
-    admit_after_preemption: bool
-    blocking_admission: bool
-
-    def waiting_order(self, waiting: list[Request]) -> Iterable[Request]: ...
-
-    def can_admit(
-        self,
-        request: Request,
-        num_new_tokens: int,
-        computed_block_ids: list[int],
-        block_manager: BlockManager,
-    ) -> bool: ...
-
-    def select_victim(self, candidates: list[Request]) -> Request: ...
+    ordering: Ordering
+    victims: VictimSelector
+    make_ledger: LedgerFactory
+    admission_window: int = 1
+    admit_after_preemption: bool = False
 
 
-class VllmPolicy:
-    """vLLM V1's rules: FCFS (preempted requests first, as vLLM prepends them to the waiting queue); running
-    requests are scheduled before waiting ones; a waiting request is admitted only if its whole remaining prompt
-    fits (`scheduler_reserve_full_isl`), and the head of the queue blocks the rest; no admission in a step that
-    preempted; the victim is the newest running request, preempted by recompute."""
-
-    name = "vllm"
-    admit_after_preemption = False
-    blocking_admission = True
-
-    def waiting_order(self, waiting: list[Request]) -> Iterable[Request]:
-        return sorted(waiting, key=lambda r: (r.status != RequestStatus.PREEMPTED, r.arrival_time))
-
-    def can_admit(
-        self,
-        request: Request,
-        num_new_tokens: int,
-        computed_block_ids: list[int],
-        block_manager: BlockManager,
-    ) -> bool:
-        return block_manager.can_allocate(request, num_new_tokens, computed_block_ids)
-
-    def select_victim(self, candidates: list[Request]) -> Request:
-        return candidates[-1]
+def _no_reservations(block_manager: BlockManager, max_model_len: int) -> NoReservations:
+    return NoReservations()
 
 
-POLICIES: dict[str, Callable[[], SchedulingPolicy]] = {
-    "vllm": VllmPolicy,
+def _ledger(config: SchedulerConfig, **overrides) -> LedgerFactory:
+    ledger_config = LedgerConfig(
+        reserve_fraction=config.kv_reserve_fraction,
+        lending=config.ecoserve_lending,
+        grouping=config.ecoserve_grouping,
+        bucket_width=config.rl_bucket_width,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+    )
+    ledger_config = LedgerConfig(**{**ledger_config.__dict__, **overrides})
+
+    def make(block_manager: BlockManager, max_model_len: int) -> KVLedger:
+        return KVLedger(block_manager.num_blocks, block_manager.block_size, max_model_len, ledger_config)
+
+    return make
+
+
+def vllm(config: SchedulerConfig) -> SchedulingPolicy:
+    """vLLM V1: FCFS (preempted first); running before waiting; a waiting request is admitted only if its whole
+    remaining prompt fits now (`scheduler_reserve_full_isl`), and the head blocks the rest; no admission in a
+    step that preempted; the victim is the newest running request, by recompute."""
+    return SchedulingPolicy("vllm", FcfsOrder(), NewestVictim(), _no_reservations)
+
+
+def reserve_max(config: SchedulerConfig) -> SchedulingPolicy:
+    """Orca / TGI: reserve prompt + max_tokens at admission, FCFS with head-of-line blocking. The flat sum of
+    reservations never passes the pool, so a running request always finds its block: it never preempts."""
+    make_ledger = _ledger(config, reserve_fraction=0.0, lending=False, grouping=False, reserve_max=True)
+    return SchedulingPolicy("reserve-max", FcfsOrder(), LedgerVictim(), make_ledger)
+
+
+def ecoserve(config: SchedulerConfig) -> SchedulingPolicy:
+    """EcoServe-inspired (papers.md §1.4): GT queue before PT queue in its KV-aware order, exact allocation of
+    prompt + bucket(rl_q) with a global reserve, KVC pipelining, GT groups per predicted finish window;
+    non-blocking admission within a window. Ablations: the ecoserve_* config switches."""
+    ordering = EcoServeOrder() if config.ecoserve_ordering else FcfsOrder()
+    return SchedulingPolicy(
+        "ecoserve", ordering, LedgerVictim(), _ledger(config), admission_window=config.admission_window
+    )
+
+
+def sjf_oracle(config: SchedulerConfig) -> SchedulingPolicy:
+    """Shortest true remaining length first (max_tokens − generated: exact only for ignore_eos requests), the
+    victim the longest remaining; vLLM's memory model otherwise. An upper bound for ablations."""
+    return SchedulingPolicy(
+        "sjf-oracle", ShortestRemainingOrder(), LongestRemainingVictim(), _no_reservations
+    )
+
+
+POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
+    "vllm": vllm,
+    "reserve-max": reserve_max,
+    "ecoserve": ecoserve,
+    "sjf-oracle": sjf_oracle,
 }
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, config: SchedulerConfig | None = None) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name](config or SchedulerConfig(policy=name))

@@ -1,10 +1,13 @@
 """The scheduler: continuous batching with one per-step token budget, chunked prefill mixed with decodes,
-prefix caching and preemption by recompute. Torch-free; the policy decides order, admission and victims.
+prefix caching and preemption by recompute. Torch-free. The loop has no policy branches: the policy's small
+objects decide the order (engine/ordering.py), admission by reservation (engine/kv_ledger.py) and victims
+(engine/pressure.py); see engine/policy.py.
 
 One step:
-    schedule() -> SchedulerOutput      running requests first (one decode token, or the next prefill chunk),
-                                       preempting the policy's victim when KV runs out; then waiting requests,
-                                       in the policy's order, while the token budget and max_num_seqs allow
+    schedule() -> SchedulerOutput      running requests first, in the ordering's order (one decode token, or the
+                                       next prefill chunk), preempting the victim selector's choice when KV runs
+                                       out; then waiting requests, in the ordering's order, while the token
+                                       budget and max_num_seqs allow and the ledger admits them
     (a runner executes it)             -> ModelOutput (one sampled token per request that reached its end)
     update(output, model_output)       advance computed tokens, register full blocks in the prefix cache,
                                        append sampled tokens, finish and free -> TokenDeltas
@@ -40,6 +43,7 @@ class Scheduler:
         self.clock = clock  # monotonic seconds; the simulator passes a virtual clock
         self.block_manager = block_manager
         self.policy = policy
+        self.ledger = policy.make_ledger(block_manager, max_model_len)  # reservations (none for vllm)
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.requests: dict[str, Request] = {}
@@ -99,53 +103,60 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        scheduled_ids: set[str] = set()
-        preempted: list[Request] = []
+        self.ledger.start_step(self.num_steps_total)
+        step = _StepBatch(self.config.max_num_batched_tokens)
+        self.running = self.policy.ordering.running_order(self.running)
+        self._schedule_running(step)
+        if not step.preempted or self.policy.admit_after_preemption:
+            self._admit_waiting(step)
+        self.last_batch = self._composition(step.scheduled)
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(step.scheduled, finished_ids, [r.request_id for r in step.preempted])
 
-        # Running requests first: each gets its next chunk (a decode is a chunk of one).
+    def _schedule_running(self, step: _StepBatch) -> None:
+        """Running requests first, in the ordering's order: each gets its next chunk (a decode is a chunk of
+        one). When the pool is short, the victim selector frees a request not yet scheduled in this step."""
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and step.budget > 0:
             request = self.running[i]
-            num_new = min(request.num_uncomputed_tokens, budget)
+            num_new = min(request.num_uncomputed_tokens, step.budget)
+            self.ledger.ensure(request, request.num_computed_tokens + num_new)
             while not self.block_manager.allocate_slots(request, num_new):
-                candidates = [r for r in self.running if r.request_id not in scheduled_ids]
-                victim = self.policy.select_victim(candidates)
+                candidates = [r for r in self.running if r.request_id not in step.scheduled_ids]
+                victim = self.policy.victims.select_victim(candidates, self.ledger)
                 self._preempt(victim)
-                preempted.append(victim)
+                step.preempted.append(victim)
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted itself; running[i] is now the next request
-            scheduled.append(self._scheduled(request, num_new))
-            scheduled_ids.add(request.request_id)
-            budget -= num_new
+            step.add(self._scheduled(request, num_new))
             i += 1
 
-        # Then waiting requests, in the policy's order.
-        if not preempted or self.policy.admit_after_preemption:
-            for request in self.policy.waiting_order(self.waiting):
-                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                if not self._try_admit(request, budget, scheduled):
-                    if self.policy.blocking_admission:
-                        break
-                    continue
-                scheduled_ids.add(request.request_id)
-                budget -= scheduled[-1].num_tokens
+    def _admit_waiting(self, step: _StepBatch) -> None:
+        """Waiting requests in the ordering's order while the budget and max_num_seqs last; the loop stops after
+        `admission_window` requests failed to fit (1: head-of-line blocking, as vLLM)."""
+        num_failed = 0
+        for request in self.policy.ordering.waiting_order(self.waiting):
+            if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if self._try_admit(request, step):
+                continue
+            num_failed += 1
+            if num_failed >= self.policy.admission_window:
+                break
 
-        self.last_batch = self._composition(scheduled)
-        finished_ids, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(scheduled, finished_ids, [r.request_id for r in preempted])
-
-    def _try_admit(self, request: Request, budget: int, scheduled: list[ScheduledRequest]) -> bool:
+    def _try_admit(self, request: Request, step: _StepBatch) -> bool:
         computed_block_ids = self.block_manager.get_computed_blocks(request)
         num_cached = len(computed_block_ids) * self.block_manager.block_size
         num_new_total = request.num_tokens - num_cached
-        if not self.policy.can_admit(request, num_new_total, computed_block_ids, self.block_manager):
+        # The whole remaining prompt must fit in free blocks now (vLLM's scheduler_reserve_full_isl), and the
+        # request's reservation in the ledger's plan.
+        if not self.block_manager.can_allocate(request, num_new_total, computed_block_ids):
             return False
-        num_new = min(num_new_total, budget)
+        if not self.ledger.can_admit(request):
+            return False
+        num_new = min(num_new_total, step.budget)
         if not self.block_manager.allocate_slots(request, num_new, computed_block_ids):
             return False
         if request.status == RequestStatus.WAITING:  # first admission: count the prefix lookup once
@@ -156,7 +167,8 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.waiting.remove(request)
         self.running.append(request)
-        scheduled.append(self._scheduled(request, num_new))
+        self.ledger.admit(request)
+        step.add(self._scheduled(request, num_new))
         return True
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -184,6 +196,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self.ledger.release(request)
         self.block_manager.free(request)
         request.preempt()
         self.waiting.append(request)
@@ -217,6 +230,7 @@ class Scheduler:
         return deltas
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
+        self.ledger.release(request)
         self.block_manager.free(request)
         request.finish(reason)
         del self.requests[request.request_id]
@@ -243,3 +257,19 @@ class Scheduler:
         assert all(not r.block_ids for r in self.waiting), "a waiting request holds KV"
         assert len(self.running) <= self.config.max_num_seqs
         assert set(self.requests) == {r.request_id for r in self.running + self.waiting}
+        self.ledger.check_invariants(self.running)
+
+
+class _StepBatch:
+    """What one schedule() has put in the batch so far, and the token budget left."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.scheduled: list[ScheduledRequest] = []
+        self.scheduled_ids: set[str] = set()
+        self.preempted: list[Request] = []
+
+    def add(self, item: ScheduledRequest) -> None:
+        self.scheduled.append(item)
+        self.scheduled_ids.add(item.request_id)
+        self.budget -= item.num_tokens

@@ -1,0 +1,48 @@
+"""The pressure ladder's last rungs: which running request gives its KV back (recompute) when a running request
+cannot get a block. The cheaper rungs live elsewhere: stop admitting (the scheduler admits nothing in a step that
+preempted), lend unwritten KV and draw from the reserve (engine/kv_ledger.py). QLM eviction and KunServe drop
+plug in here later.
+
+`candidates` are the running requests not yet scheduled this step, in the scheduler's running order.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from engine.kv_ledger import KVLedger, NoReservations
+from engine.ordering import true_remaining
+from engine.request import Request
+
+
+class VictimSelector(Protocol):
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request: ...
+
+
+class NewestVictim:
+    """vLLM V1: the last of the running order (with FCFS, the newest admitted), preempted by recompute."""
+
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
+        return candidates[-1]
+
+
+class LedgerVictim:
+    """Never the lender: a request running past its reservation unreserved goes first, then a borrower (admitted
+    only thanks to KVC pipelining), then batch-class work before interactive (QLM), and among equals the newest
+    admission. A request inside its own reservation is chosen only when nothing else is left."""
+
+    def _rank(self, request: Request, ledger: KVLedger | NoReservations) -> tuple[bool, bool, bool, int]:
+        entry = ledger.entry(request.request_id)
+        if entry is None:
+            return (False, False, request.slo_class != "interactive", -1)
+        return (entry.is_overrun, entry.is_borrower, request.slo_class != "interactive", entry.admission_seq)
+
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
+        return max(candidates, key=lambda r: self._rank(r, ledger))
+
+
+class LongestRemainingVictim:
+    """SRPT's victim: the request with the most true remaining work."""
+
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
+        return max(candidates, key=true_remaining)
