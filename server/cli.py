@@ -198,6 +198,19 @@ def predictor(args: argparse.Namespace) -> int:
     return predictor_main(args.argv)
 
 
+def add_passthrough_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything after the subcommand goes to its own parser, flags first included (`kairos simulate --workload
+    ...`): with no prefix characters this parser sees no options, so REMAINDER takes the lot."""
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="`--workload ...` or `calibrate ...`")
+    parser.prefix_chars = "\0"
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from engine.simulate_cli import main as simulate_main  # numpy, loadgen; torch only for `calibrate`
+
+    return simulate_main(args.argv)
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
@@ -211,6 +224,11 @@ COMMANDS: dict[
         "response-length predictor: `kairos predictor {train,evaluate,refit,bench} --help`",
         lambda p: p.add_argument("argv", nargs=argparse.REMAINDER, help="`refit ...`, `train ...`, ..."),
         predictor,
+    ),
+    "simulate": (
+        "simulator (simulated results): `kairos simulate --workload W ...` or `kairos simulate calibrate`",
+        add_passthrough_arguments,
+        simulate,
     ),
 }
 
