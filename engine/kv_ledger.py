@@ -161,8 +161,10 @@ class KVLedger:
     # ---- admission ---------------------------------------------------------------------------------------
 
     def start_step(self, step: int) -> None:
-        """The scheduler's step counter: group keys are absolute predicted finish windows."""
+        """The scheduler's step counter: group keys are absolute predicted finish windows. Curves are relative to
+        now, so the profile is rebuilt (lazily, at the first check) once per step."""
         self._step = step
+        self._profile = None
 
     def can_admit(self, request: Request) -> bool:
         reserved = self.initial_reservation(request)
@@ -171,11 +173,10 @@ class KVLedger:
         if not self.config.lending:
             return False
         end = self._end_step(request, reserved)
-        if self.config.grouping and (members := self._groups.get(self._group_key(end))):
-            end = max(
-                end, max(self._end_step(self._requests[i], self.entries[i].reserved_tokens) for i in members)
-            )
-        return self._profile_or_build().fits(reserved - 1 + self.slack, end, self.capacity_tokens)
+        profile = self._profile_or_build()
+        if self.config.grouping:  # joining a group: the group's curve lasts until its last member ends
+            end = max(end, profile.group_ends.get(self._group_key(end), end))
+        return profile.fits(reserved - 1 + self.slack, end, self.capacity_tokens)
 
     def admit(self, request: Request) -> None:
         """Record the reservation of a request the scheduler has just admitted (can_admit was True)."""
@@ -274,7 +275,8 @@ class KVLedger:
             ramp[0] = max(ramp[0], end)
             ramp[1] += intercept
             ramp[2] += 1
-        return _Profile(sorted(ramps.values()))
+        group_ends = {key: ramp[0] for key, ramp in ramps.items()} if self.config.grouping else {}
+        return _Profile(sorted(ramps.values()), group_ends)
 
     def peak_tokens(self) -> int:
         """max_t Σ_i u_i(t) of the current plan (0 when empty)."""
@@ -303,7 +305,8 @@ class _Profile:
     A new ramp (intercept a, end e) raises level[k] by a + ends[k] for every ends[k] <= e, and adds its own
     peak a + e at e on top of the ramps alive then. room[k] = min over j <= k of (C - level[j] - ends[j])."""
 
-    def __init__(self, ramps: list[list[int]]) -> None:
+    def __init__(self, ramps: list[list[int]], group_ends: dict[object, int]) -> None:
+        self.group_ends = group_ends  # group key -> the step its last member is predicted to end
         self.ends = [r[0] for r in ramps]
         n = len(ramps)
         self._suffix_intercepts = [0] * (n + 1)

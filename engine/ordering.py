@@ -9,6 +9,7 @@ rule; the scheduler loop calls `running_order` and `waiting_order` and never ask
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Protocol
 
 from engine.request import Request, RequestStatus
@@ -64,7 +65,9 @@ class EcoServeOrder:
         generation = [r for r in waiting if r.status == RequestStatus.PREEMPTED]  # GT queue
         prompt = [r for r in waiting if r.status != RequestStatus.PREEMPTED]  # PT queue
         generation.sort(key=self._kv_key)
-        prompt.sort(key=lambda r: (not self.is_slo_urgent(r), r.arrival_time))
+        prompt.sort(key=attrgetter("arrival_time"))
+        if urgent := [r for r in prompt if self.is_slo_urgent(r)]:
+            prompt = urgent + [r for r in prompt if not self.is_slo_urgent(r)]
         return generation + prompt
 
 

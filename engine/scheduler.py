@@ -136,6 +136,8 @@ class Scheduler:
     def _admit_waiting(self, step: _StepBatch) -> None:
         """Waiting requests in the ordering's order while the budget and max_num_seqs last; the loop stops after
         `admission_window` requests failed to fit (1: head-of-line blocking, as vLLM)."""
+        if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            return  # nothing can be admitted: do not pay for ordering the queue
         num_failed = 0
         for request in self.policy.ordering.waiting_order(self.waiting):
             if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
