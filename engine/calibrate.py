@@ -185,6 +185,10 @@ def calibrate(
     return fitted
 
 
+def _loads(loads: Sequence[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in loads)
+
+
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.3g} µs"
 
@@ -204,8 +208,9 @@ def render_markdown(fitted: CostModel, json_path: Path) -> str:
         f"## Measured: {fitted.name}",
         "",
         f"Command: `{info['command']}` ({info['date']}, {info['calibration_seconds']} s).",
-        f"Machine: {info['machine']['lscpu']}; load average before {info['machine']['load_average']}, after "
-        f"{info['load_average_after']} (the machine was shared with a background job: timings carry its noise).",
+        f"Machine: {', '.join(f'{k} {v}' for k, v in info['machine']['lscpu'].items())}; load average (1, 5, 15 "
+        f"min) {_loads(info['machine']['load_average'])} before, {_loads(info['load_average_after'])} after: "
+        "a load above zero means other work shared the CPUs, and the timings carry its noise.",
         f"JSON: `{json_path}`. Pool: {fitted.num_kv_blocks} blocks of {fitted.block_size} tokens.",
         "",
         "| coefficient | value |",

@@ -62,6 +62,13 @@ def build_replay_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     w.add_argument("--max-tokens", type=int, default=None, help="cap on output lengths")
+    w.add_argument(
+        "--client-max-tokens",
+        type=int,
+        default=0,
+        help="send this max_tokens (what reserve-max reserves) and end each request with a simulated EOS at its "
+        "true length; default: max_tokens = the true length, with ignore_eos",
+    )
     w.add_argument("--num-tenants", type=int, default=0)
     w.add_argument("--slo-class", default=None)
     w.add_argument(
@@ -128,7 +135,7 @@ def plan_requests(
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     planned = cut_at(list(workload.requests), args.duration)
-    requests = [to_sim_request(r, args.rl, keep_ids) for r in planned]
+    requests = [to_sim_request(r, args.rl, keep_ids, args.client_max_tokens) for r in planned]
     return workload.name, requests, workload.info
 
 
@@ -149,7 +156,7 @@ def cut_at(planned: list[PlannedRequest], duration_s: float | None) -> list[Plan
     return kept
 
 
-def to_sim_request(r: PlannedRequest, rl: str, keep_ids: bool) -> SimRequest:
+def to_sim_request(r: PlannedRequest, rl: str, keep_ids: bool, client_max_tokens: int = 0) -> SimRequest:
     length = r.max_tokens
     return SimRequest(
         arrival_s=r.offset_s,
@@ -162,6 +169,7 @@ def to_sim_request(r: PlannedRequest, rl: str, keep_ids: bool) -> SimRequest:
         rl_q=float(length) if rl == "oracle" else 0.0,
         prompt_token_ids=tuple(r.prompt) if keep_ids and isinstance(r.prompt, tuple) else None,
         after=r.after,
+        max_tokens=max(client_max_tokens, length) if client_max_tokens else 0,
     )
 
 
@@ -173,7 +181,7 @@ def request_results(result: SimulationResult) -> list[RequestResult]:
     out = []
     for request, record in zip(result.requests, result.records, strict=True):
         times = record.token_times_s
-        ok = record.finish_reason == "length"
+        ok = record.is_done
         out.append(
             RequestResult(
                 index=record.index,
@@ -301,6 +309,7 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "rl_source": args.rl,
+        "client_max_tokens": args.client_max_tokens or "true length",
         "argv": ["kairos", "simulate", *argv],
     }
     report, results = build_sim_report(result, slo, meta)

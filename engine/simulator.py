@@ -3,8 +3,10 @@
 `SimulatedRunner.execute` samples a fixed token for every request that needs one and advances the clock by the
 cost model's step time (engine/cost_model.py). `simulate` feeds requests in when the clock passes their arrival
 (jumping the clock forward when the engine is idle), steps the core, and records per request the arrival, each
-token's time and the preemptions, and per step the KV pool's state. Requests run with ignore_eos and
-max_tokens = their true output length, so lengths are exact. Everything is in simulated seconds.
+token's time and the preemptions, and per step the KV pool's state. By default requests run with ignore_eos
+and max_tokens = their true output length, so lengths are exact. A request may instead carry a larger client
+`max_tokens` (what reserve-max reserves): then the runner samples EOS as its true-length-th token, as a model
+would. Everything is in simulated seconds.
 
 Torch-free and loadgen-free; the CLI and the report live in engine/simulate_cli.py.
 """
@@ -15,7 +17,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
-from engine.batch import ModelOutput, SchedulerOutput
+from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
 from engine.config import EngineConfig, SchedulerConfig
 from engine.core import EngineCore, build_scheduler
 from engine.cost_model import CostModel, StepShape
@@ -63,6 +65,7 @@ class SimulatedRunner:
         self.clock = clock
         self.num_kv_blocks = num_kv_blocks
         self.max_model_len = max_model_len
+        self.eos_after: dict[str, int] = {}  # request id -> its true length: that output token is EOS
         self.num_steps = 0
         self.busy_seconds = 0.0
         self.last_shape = StepShape(0, 0, 0)
@@ -73,14 +76,20 @@ class SimulatedRunner:
         self.clock.advance(seconds)
         self.num_steps += 1
         self.busy_seconds += seconds
-        sampled = {item.request_id: SAMPLED_TOKEN_ID for item in output.scheduled if item.needs_sample}
+        sampled = {item.request_id: self._token(item) for item in output.scheduled if item.needs_sample}
         return ModelOutput(sampled, seconds)
+
+    def _token(self, item: ScheduledRequest) -> int:
+        is_last = item.num_generated + 1 >= self.eos_after.get(item.request_id, 0) > 0
+        return EOS_TOKEN_ID if is_last else SAMPLED_TOKEN_ID
 
 
 @dataclass(frozen=True)
 class SimRequest:
     """One request to replay. `after` set: it arrives `arrival_s` after request `after` finished (closed loop,
-    e.g. an agent's next call); else at `arrival_s`. `prompt_token_ids` None: distinct synthetic ids."""
+    e.g. an agent's next call); else at `arrival_s`. `prompt_token_ids` None: distinct synthetic ids.
+    `max_tokens` 0: the engine gets max_tokens = num_output_tokens and ignore_eos; larger: the engine gets that
+    limit and the runner ends the request with EOS after num_output_tokens tokens."""
 
     arrival_s: float
     num_prompt_tokens: int
@@ -92,6 +101,7 @@ class SimRequest:
     rl_q: float = 0.0
     prompt_token_ids: tuple[int, ...] | None = None
     after: int | None = None
+    max_tokens: int = 0
 
 
 @dataclass
@@ -102,7 +112,9 @@ class RequestRecord:
     arrival_s: float
     token_times_s: list[float] = field(default_factory=list)
     num_preemptions: int = 0
-    finish_reason: str = ""  # "length" when done; "error" when refused; "" if it never finished
+    finish_reason: str = (
+        ""  # "length" or "stop" (simulated EOS) when done, "error" if refused, "" if unfinished
+    )
     error: str = ""
 
     @property
@@ -110,8 +122,12 @@ class RequestRecord:
         return self.token_times_s[0] if self.token_times_s else None
 
     @property
+    def is_done(self) -> bool:
+        return self.finish_reason in ("length", "stop")
+
+    @property
     def finish_s(self) -> float | None:
-        return self.token_times_s[-1] if self.finish_reason == "length" else None
+        return self.token_times_s[-1] if self.is_done else None
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,8 @@ def simulate(
         for index, arrival_s in arrivals.pop_until(clock.now):
             records[index].arrival_s = arrival_s
             core.add_request(_add_message(index, requests[index], arrival_s))
+            if requests[index].max_tokens > requests[index].num_output_tokens:
+                runner.eos_after[str(index)] = requests[index].num_output_tokens
             if (request := scheduler.requests.get(str(index))) is not None:
                 live[str(index)] = request
         num_steps = runner.num_steps
@@ -201,6 +219,7 @@ def simulate(
             record.finish_reason, record.error = delta.finish_reason.openai_name, delta.error
             if (request := live.pop(delta.request_id, None)) is not None:
                 record.num_preemptions = request.num_preemptions
+            runner.eos_after.pop(delta.request_id, None)
             arrivals.finished(int(delta.request_id), clock.now)
         if runner.num_steps == num_steps:  # nothing ran: only an arrival can unblock the scheduler
             if not arrivals.has_next():
@@ -254,10 +273,14 @@ class _Arrivals:
 
 def _add_message(index: int, r: SimRequest, arrival_s: float) -> AddRequest:
     prompt = r.prompt_token_ids or (SYNTHETIC_ID_BASE + index,) * r.num_prompt_tokens
+    capped = r.max_tokens > r.num_output_tokens  # the runner's EOS ends it, not max_tokens
+    sampling = SamplingParams(
+        max_tokens=r.max_tokens if capped else r.num_output_tokens, temperature=0.0, ignore_eos=not capped
+    )
     return AddRequest(
         request_id=str(index),
         prompt_token_ids=list(prompt),
-        sampling=SamplingParams(max_tokens=r.num_output_tokens, temperature=0.0, ignore_eos=True),
+        sampling=sampling,
         arrival_time=arrival_s,
         tenant=r.tenant,
         app_id=r.app_id,
