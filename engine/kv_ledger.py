@@ -173,10 +173,12 @@ class KVLedger:
         if not self.config.lending:
             return False
         end = self._end_step(request, reserved)
+        peak = reserved - 1 + self.slack
         profile = self._profile_or_build()
-        if self.config.grouping:  # joining a group: the group's curve lasts until its last member ends
-            end = max(end, profile.group_ends.get(self._group_key(end), end))
-        return profile.fits(reserved - 1 + self.slack, end, self.capacity_tokens)
+        if self.config.grouping:  # joining a group: its ramp is held until the group's last member ends
+            group_end = max(end, profile.group_ends.get(self._group_key(end), end))
+            end, peak = group_end, peak + group_end - end
+        return profile.fits(peak, end, self.capacity_tokens)
 
     def admit(self, request: Request) -> None:
         """Record the reservation of a request the scheduler has just admitted (can_admit was True)."""
@@ -333,7 +335,9 @@ class _Profile:
         return room
 
     def fits(self, peak: int, end: int, capacity: int) -> bool:
-        """Whether a ramp reaching `peak` tokens at step `end` (u(t) = peak - end + t) keeps every point <= capacity."""
+        """Whether a ramp reaching `peak` tokens at step `end` (u(t) = peak - end + t) keeps every point it
+        raises (t <= end) at or under capacity. Later points are not its doing: an extension may have pushed them
+        over, and a request that ends before then does not make them worse."""
         if self.level_at(end) + peak > capacity:
             return False
         hi = bisect.bisect_right(self.ends, end)
