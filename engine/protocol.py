@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+# Application shapes a client may declare (metadata.app_type); the app-cost model one-hot encodes them.
+APP_TYPES = ("agent", "map-reduce", "self-consistency", "chat", "other")
+
 
 class FinishReason(IntEnum):
     """Why a request ended. Values are stable on the wire."""
@@ -65,7 +68,7 @@ class AddRequest:
     # Justitia (engine/fairness.py): the application's declared shape, its predicted total cost in KV token-time
     # (Σ p·d + d²/2 over its requests; predicted once per app by predictor/app_cost.py in the server, 0 = none),
     # and the tenant's fair-share weight (`--tenant-weights`).
-    app_type: str = ""  # "" = undeclared; else one of server/schema.py's APP_TYPES
+    app_type: str = ""  # "" = undeclared; else one of APP_TYPES
     app_num_requests: int = 0  # declared number of requests in the app; 0 = undeclared
     app_cost: float = 0.0
     tenant_weight: float = 1.0

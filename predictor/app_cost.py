@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.fairness import request_cost
+from engine.protocol import APP_TYPES
 from predictor.app_cost_data import DATA_DIR, App, BinnedLengthTags, build_apps
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "kairos-app-cost"
 FORMAT_VERSION = 1
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "app_cost.json"
-APP_TYPES = ("agent", "map-reduce", "self-consistency", "chat", "other")  # what metadata.app_type may say
 FEATURE_NAMES = (
     *(f"type={t or 'undeclared'}" for t in ("", *APP_TYPES)),
     "n_declared",

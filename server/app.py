@@ -29,6 +29,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from engine.protocol import AddRequest, Ready
+from predictor.app_cost import AppCostTagger, load_app_cost_tagger
+from predictor.length_source import LengthSource
 from predictor.online import LengthLogObserver, LengthTagger, load_tagger, request_text
 from server import sse
 from server.config import ServerConfig
@@ -81,6 +83,10 @@ def build_app(
     app.state.predictor = load_tagger(
         config.predictor, config.served_model_name, config.predictor_log or None
     )
+    # predictor/app_cost.py: Ĉ_a at an app's first request, repeated on its later ones (AddRequest.app_cost).
+    app.state.app_cost = load_app_cost_tagger(config.app_cost_model)
+    # predictor/length_source.py: the predictor's tags, or the true length for oracle ablations.
+    app.state.length_source = LengthSource(config.length_source, config.length_noise, config.length_seed)
     if client.ready is not None:  # a client that is ready at once (tests)
         _build_metrics(app, client.ready)
     return app
@@ -285,18 +291,35 @@ async def _generate(
     max_tokens = _max_tokens(len(prompt_ids), params.max_tokens, ready.max_model_len, is_chat)
     tagger: LengthTagger = app.state.predictor
     tagged = tagger.tag(text, len(prompt_ids), num_messages, max_tokens)
+    sampling = params.sampling(max_tokens)
+    rl_mean, rl_q = app.state.length_source.lengths(
+        tagged.prediction.median, tagged.prediction.upper, max_tokens, sampling.ignore_eos, prompt_ids
+    )
     identity = params.identity
+    app_cost: AppCostTagger = app.state.app_cost
+    predicted_app_cost = app_cost.tag(
+        identity.app_id,
+        identity.app_type,
+        identity.app_num_requests,
+        len(prompt_ids),
+        tagged.prediction.median,
+        tagged.prediction.upper,
+    )
     msg = AddRequest(
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         prompt_token_ids=prompt_ids,
-        sampling=params.sampling(max_tokens),
+        sampling=sampling,
         arrival_time=arrival_time,
         tenant=identity.tenant,
         app_id=identity.app_id,
         slo_class=identity.slo_class,
         priority=identity.priority,
-        rl_mean=tagged.prediction.median,
-        rl_q=tagged.prediction.upper,
+        rl_mean=rl_mean,
+        rl_q=rl_q,
+        app_type=identity.app_type,
+        app_num_requests=identity.app_num_requests,
+        app_cost=predicted_app_cost,
+        tenant_weight=app.state.config.tenant_weight(identity.tenant),
     )
     output = app.state.tokenizer.output_text(prompt_ids, params.stop)
     observer = app.state.metrics

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
 from engine.policy import POLICIES
+from predictor.length_source import LENGTH_SOURCES
 from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sched.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sched.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix-cache block sharing")
+    sched.add_argument(
+        "--kv-reserve",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="KV ledger: fraction of the pool held back for under-predicted requests (ecoserve)",
+    )
+    sched.add_argument(
+        "--rl-bucket-width", type=int, default=64, help="KV ledger: response-length bucket in tokens"
+    )
+    sched.add_argument("--no-kv-lending", action="store_true", help="ecoserve ablation: no KVC pipelining")
+    sched.add_argument("--no-gt-grouping", action="store_true", help="ecoserve ablation: no GT groups")
+    sched.add_argument("--no-kv-ordering", action="store_true", help="ecoserve ablation: FCFS order")
 
     device = parser.add_argument_group("device and memory")
     device.add_argument(
@@ -124,6 +138,42 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="append each finished request's features and actual length here (no prompt text), "
         "for `kairos predictor refit`",
     )
+    predictor.add_argument(
+        "--length-source",
+        default="predictor",
+        choices=LENGTH_SOURCES,
+        help="rl_mean/rl_q from the predictor, or the true length of ignore_eos requests (max_tokens): "
+        "'oracle', or 'oracle-noise' with --length-noise (ablations; other requests keep the predictor's)",
+    )
+    predictor.add_argument(
+        "--length-noise", type=float, default=0.0, metavar="SIGMA", help="oracle-noise: lognormal sigma"
+    )
+    predictor.add_argument("--length-seed", type=int, default=0, help="oracle-noise: seed of the noise")
+
+    fairness = parser.add_argument_group("applications and tenants (Justitia, VTC)")
+    fairness.add_argument(
+        "--tenant-weights",
+        type=_tenant_weights,
+        default=(),
+        metavar="T=W,...",
+        help="fair-share weight per tenant, e.g. tenantA=2,tenantB=1 (unnamed tenants weigh 1)",
+    )
+    fairness.add_argument(
+        "--app-cost-model",
+        default="default",
+        metavar="PATH",
+        help="'default' (predictor/models/app_cost.json), a model from `python -m predictor.app_cost train`, "
+        "or 'none' (apps are costed as the sum of their requests' predictions)",
+    )
+
+
+def _tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    from engine.fairness import parse_tenant_weights
+
+    try:
+        return tuple(parse_tenant_weights(text).items())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -151,6 +201,11 @@ def serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size,
             enable_prefix_caching=not args.no_prefix_caching,
+            kv_reserve_fraction=args.kv_reserve,
+            rl_bucket_width=args.rl_bucket_width,
+            ecoserve_lending=not args.no_kv_lending,
+            ecoserve_grouping=not args.no_gt_grouping,
+            ecoserve_ordering=not args.no_kv_ordering,
         ),
         device=DeviceConfig(
             device=args.devices,
@@ -169,6 +224,11 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         predictor=args.predictor,
         predictor_log=args.predictor_log,
+        length_source=args.length_source,
+        length_noise=args.length_noise,
+        length_seed=args.length_seed,
+        tenant_weights=args.tenant_weights,
+        app_cost_model=args.app_cost_model,
     )
     app = build_app(server_config, EngineClient(engine_config))
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, drains, then the lifespan shuts the engine down.

@@ -23,6 +23,18 @@ class ServerConfig:
     # documented constants, or a model file. predictor_log: append finished requests' features + lengths there.
     predictor: str = "default"
     predictor_log: str = ""
+    # Where rl_mean / rl_q come from (predictor/length_source.py): "predictor", or the true length of ignore_eos
+    # requests ("oracle"), optionally with lognormal noise ("oracle-noise", sigma length_noise) for ablations.
+    length_source: str = "predictor"
+    length_noise: float = 0.0
+    length_seed: int = 0
+    # Justitia: per-tenant fair-share weights (`--tenant-weights a=2,b=1`; unnamed tenants weigh 1), and the
+    # app-cost model (predictor/app_cost.py): "default" = the shipped one, "none" = the engine's sum fallback.
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    app_cost_model: str = "default"
+
+    def tenant_weight(self, tenant: str) -> float:
+        return dict(self.tenant_weights).get(tenant, 1.0)
 
     @property
     def served_model_name(self) -> str:

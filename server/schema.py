@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.protocol import SamplingParams
+from engine.protocol import APP_TYPES, SamplingParams
 
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM any number. 16 keeps the server-side matcher cheap.
 MAX_METADATA_PAIRS = 16
 MAX_SEED = 2**63 - 1
+MAX_APP_REQUESTS = 100_000  # metadata.app_num_requests: an app's declared size, a sanity cap
 
 # OpenAI's service_tier values mapped onto our SLO classes. "flex" is OpenAI's cheap, slow tier; "batch" is ours.
 SERVICE_TIER_TO_SLO_CLASS = {
@@ -76,6 +77,8 @@ class Identity:
     app_id: str = ""  # empty = an application of its own
     slo_class: str = "interactive"
     priority: int = 0
+    app_type: str = ""  # metadata.app_type: one of APP_TYPES, "" = undeclared
+    app_num_requests: int = 0  # metadata.app_num_requests: the app's declared size, 0 = undeclared
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ def parse_completion_request(
 def parse_identity(
     body: Mapping[str, Any], headers: Mapping[str, str], slo_classes: tuple[str, ...] = DEFAULT_SLO_CLASSES
 ) -> Identity:
-    """tenant: X-Tenant-Id › metadata.tenant › user › "default"; app: X-App-Id › metadata.app_id › "";
+    """tenant: X-Tenant-Id › metadata.tenant › user › "default"; app: X-App-Id › metadata.app_id › "", with its
+    declared shape metadata.app_type and metadata.app_num_requests (Justitia; both optional);
     SLO class: X-SLO-Class › service_tier (mapped) › "interactive"; priority: the body's int (lower = sooner)."""
     metadata = _parse_metadata(body.get("metadata"))
     user = _optional_str(body, "user")
@@ -174,7 +178,38 @@ def parse_identity(
             )
     else:
         slo_class = SERVICE_TIER_TO_SLO_CLASS[tier] if tier is not None else "interactive"
-    return Identity(tenant=tenant, app_id=app_id, slo_class=slo_class, priority=priority or 0)
+    return Identity(
+        tenant=tenant,
+        app_id=app_id,
+        slo_class=slo_class,
+        priority=priority or 0,
+        app_type=_parse_app_type(metadata.get("app_type")),
+        app_num_requests=_parse_app_num_requests(metadata.get("app_num_requests")),
+    )
+
+
+def _parse_app_type(value: str | None) -> str:
+    if value is None or value == "":
+        return ""
+    app_type = value.strip().lower()
+    if app_type not in APP_TYPES:
+        raise RequestError(
+            f"unknown metadata.app_type {value!r}; expected one of {list(APP_TYPES)}", "metadata.app_type"
+        )
+    return app_type
+
+
+def _parse_app_num_requests(value: str | None) -> int:
+    """OpenAI metadata values are strings: "16" is 16."""
+    if value is None or value == "":
+        return 0
+    text = value.strip()
+    if not text.isdecimal() or not 1 <= int(text) <= MAX_APP_REQUESTS:
+        raise RequestError(
+            f"metadata.app_num_requests must be an integer from 1 to {MAX_APP_REQUESTS}, got {value!r}",
+            "metadata.app_num_requests",
+        )
+    return int(text)
 
 
 # ---- pieces ----------------------------------------------------------------------------------------------

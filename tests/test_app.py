@@ -218,3 +218,19 @@ def test_engine_death_non_streaming_is_503(fake, config):
     fake.error_after, fake.die = 1, True
     error = assert_error(run(fake, config, "POST", "/v1/chat/completions", json={"messages": USER}), 503)
     assert "boom" in error["message"]
+
+
+def test_app_fields_tenant_weight_and_app_cost_reach_the_engine(fake):
+    config = ServerConfig(served_model_names=("fake",), tenant_weights=(("acme", 2.0),))
+    metadata = {"app_id": "mr-1", "app_type": "map-reduce", "app_num_requests": "16"}
+    body = {"messages": USER, "max_tokens": 4, "metadata": metadata}
+    assert run(
+        fake, config, "POST", "/v1/chat/completions", json=body, headers={"X-Tenant-Id": "acme"}
+    ).is_success
+    assert run(fake, config, "POST", "/v1/chat/completions", json={**body, "user": "bob"}).is_success
+    first, second = fake.requests
+    assert (first.app_id, first.app_type, first.app_num_requests) == ("mr-1", "map-reduce", 16)
+    assert (first.tenant_weight, second.tenant_weight) == (2.0, 1.0)  # bob is not named: weight 1
+    assert first.app_cost > 0 and second.app_cost == first.app_cost  # predicted once per app
+    r = run(fake, config, "POST", "/v1/chat/completions", json={**body, "metadata": {"app_type": "dag"}})
+    assert_error(r, 400, "metadata.app_type")

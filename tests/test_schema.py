@@ -210,3 +210,28 @@ def test_slo_header_wins_and_unknown_class_is_rejected():
 def test_priority_passes_through():
     assert parse_identity({"priority": -3}, {}).priority == -3
     assert parse_identity({}, {}).priority == 0
+
+
+def test_app_shape_from_metadata():
+    identity = parse_identity(
+        {"metadata": {"app_id": "job-1", "app_type": "Map-Reduce", "app_num_requests": "17"}}, {}
+    )
+    assert (identity.app_id, identity.app_type, identity.app_num_requests) == ("job-1", "map-reduce", 17)
+    assert (parse_identity({}, {}).app_type, parse_identity({}, {}).app_num_requests) == ("", 0)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param"),
+    [
+        ({"app_type": "pipeline"}, "metadata.app_type"),
+        ({"app_num_requests": "0"}, "metadata.app_num_requests"),
+        ({"app_num_requests": "-3"}, "metadata.app_num_requests"),
+        ({"app_num_requests": "2.5"}, "metadata.app_num_requests"),
+        ({"app_num_requests": "many"}, "metadata.app_num_requests"),
+        ({"app_num_requests": "100001"}, "metadata.app_num_requests"),
+    ],
+)
+def test_bad_app_shape_is_a_request_error(metadata, param):
+    with pytest.raises(RequestError) as info:
+        parse_identity({"metadata": metadata}, {})
+    assert info.value.param == param and info.value.status == 400
