@@ -15,6 +15,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from loadgen.workloads import WORKLOADS, build_workload
 
 SHARED_PREFIX_WORKLOADS = ("mooncake", "agents")  # their token ids encode prefix reuse: keep them
 RL_SOURCES = ("oracle", "none")
+RL_NOISE_STREAM = 17  # its own seed stream: noise never reshuffles the plan
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +76,13 @@ def build_replay_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--rl", choices=RL_SOURCES, default="oracle", help="rl_mean/rl_q tags: true length, or none"
     )
+    w.add_argument(
+        "--rl-noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="oracle + noise: tags = true length × exp(N(0, SIGMA²)), seeded by --seed",
+    )
     e = p.add_argument_group("simulated engine")
     e.add_argument(
         "--cost-model", default="h100-llama3-8b", help=f"a JSON file or a preset: {', '.join(PRESETS)}"
@@ -85,6 +94,10 @@ def build_replay_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int, default=2048)
     e.add_argument("--max-model-len", type=int, default=0, help="default: the cost model's")
     e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--kv-reserve-fraction", type=float, default=0.05, help="KV ledger's global reserve")
+    e.add_argument("--no-lending", action="store_true", help="ecoserve ablation: no KVC pipelining")
+    e.add_argument("--no-grouping", action="store_true", help="ecoserve ablation: no GT groups")
+    e.add_argument("--no-ordering", action="store_true", help="ecoserve ablation: FCFS order")
     r = p.add_argument_group("report")
     r.add_argument(
         "--goodput", nargs="+", default=[], metavar="METRIC:MS", help="SLOs: ttft:MS tpot:MS e2el:MS"
@@ -136,6 +149,8 @@ def plan_requests(
         raise UsageError(str(e)) from None
     planned = cut_at(list(workload.requests), args.duration)
     requests = [to_sim_request(r, args.rl, keep_ids, args.client_max_tokens) for r in planned]
+    if args.rl_noise > 0:
+        requests = with_rl_noise(requests, args.rl_noise, np.random.default_rng((args.seed, RL_NOISE_STREAM)))
     return workload.name, requests, workload.info
 
 
@@ -171,6 +186,15 @@ def to_sim_request(r: PlannedRequest, rl: str, keep_ids: bool, client_max_tokens
         after=r.after,
         max_tokens=max(client_max_tokens, length) if client_max_tokens else 0,
     )
+
+
+def with_rl_noise(requests: list[SimRequest], sigma: float, rng: np.random.Generator) -> list[SimRequest]:
+    """Length tags = true length × a log-normal factor (median 1): a predictor of known spread."""
+    factors = np.exp(rng.normal(0.0, sigma, len(requests))).tolist()
+    return [
+        replace(r, rl_mean=max(1.0, r.rl_mean * f), rl_q=max(1.0, r.rl_q * f))
+        for r, f in zip(requests, factors, strict=True)
+    ]
 
 
 # ---- simulation → loadgen report ----------------------------------------------------------------------------
@@ -283,6 +307,10 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
+        kv_reserve_fraction=args.kv_reserve_fraction,
+        ecoserve_lending=not args.no_lending,
+        ecoserve_grouping=not args.no_grouping,
+        ecoserve_ordering=not args.no_ordering,
     )
     config = SimConfig(scheduler=scheduler, num_kv_blocks=args.kv_blocks, max_model_len=max_model_len)
     try:
@@ -309,6 +337,8 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "rl_source": args.rl,
+        "rl_noise_sigma": args.rl_noise,
+        "scheduler_config": scheduler.__dict__,
         "client_max_tokens": args.client_max_tokens or "true length",
         "argv": ["kairos", "simulate", *argv],
     }
