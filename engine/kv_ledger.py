@@ -167,6 +167,10 @@ class KVLedger:
         self._profile = None
 
     def can_admit(self, request: Request) -> bool:
+        if (
+            not self.entries
+        ):  # liveness: alone, anything the pool can hold runs (the scheduler refused the rest)
+            return True
         reserved = self.initial_reservation(request)
         if self._flat_tokens + reserved + self.slack <= self.capacity_tokens:
             return True  # fits without borrowing anybody's tail
@@ -296,7 +300,7 @@ class KVLedger:
             if not entry.is_overrun:
                 held = len(request.block_ids) * self.block_size
                 assert held <= entry.reserved_tokens + self.slack, f"{request} writes past its reservation"
-        if not self.config.lending:  # flat reservations (the extensions included) never exceed the pool
+        if not self.config.lending and len(self.entries) > 1:  # flat reservations never exceed the pool
             assert self._flat_tokens <= self.pool_tokens, f"{self._flat_tokens=} > {self.pool_tokens}"
 
 

@@ -263,3 +263,14 @@ def test_sjf_oracle_admits_the_shortest_true_length_first():
     for _ in range(100):
         finished += [d.request_id for d in core.step() if d.finish_reason == FinishReason.LENGTH]
     assert finished == ["short", "long"]
+
+
+@pytest.mark.parametrize("variant", ["ecoserve", "ecoserve-no-lending", "reserve-max"])
+def test_a_request_as_large_as_the_pool_still_runs_alone(variant):
+    # 16 blocks x 4 = 64 tokens: prompt 8 + max_tokens 56 fills the pool exactly, more than pool - reserve.
+    core = create_core(num_blocks=16, **POLICY_VARIANTS[variant])
+    add(core, "whole", list(range(3, 11)), max_tokens=56, rl_q=0.0)
+    add(core, "next", list(range(20, 24)), max_tokens=4, rl_q=4.0, arrival=1.0)
+    tokens = run(core)
+    assert tokens["whole"] == reference_generate(list(range(3, 11)), 56)
+    assert tokens["next"] == reference_generate(list(range(20, 24)), 4)
