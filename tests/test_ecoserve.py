@@ -276,3 +276,12 @@ def test_a_request_as_large_as_the_pool_still_runs_alone(variant):
     tokens = run(core)
     assert tokens["whole"] == reference_generate(list(range(3, 11)), 56)
     assert tokens["next"] == reference_generate(list(range(20, 24)), 4)
+
+
+def test_ecoserve_fills_the_step_budget_with_prompt_chunks_after_the_decodes():
+    core = create_core(num_blocks=64, max_num_batched_tokens=10)
+    add(core, "gt", [5, 6], max_tokens=6, rl_q=6)
+    core.step()  # prefilled: a GT now
+    add(core, "pt", list(range(3, 40)), max_tokens=2, rl_q=2, arrival=1.0)
+    output = core.scheduler.schedule()
+    assert [(s.request_id, s.num_tokens) for s in output.scheduled] == [("gt", 1), ("pt", 9)]
