@@ -11,6 +11,19 @@ calibration split that training never saw, r_i = log1p(y_i) − u(x_i); the offs
 so P(y ≤ expm1(u(x) + offset)) ≥ q for a new exchangeable request. Predictions are clamped to the request's
 max_tokens (the engine never generates more), and upper ≥ median.
 
+**Censored targets** (`censored`, on by default when ≥ 20 % of the training rows ran to max_tokens). A small model
+at temperature 1 often never stops: 52 % of SmolLM2-135M's answers hit max_tokens = 1024. Then the conditional
+median *is* the cap for most prompts, the pinball-loss median booster stops after one round (a constant) and the
+whole predictor collapses to the baseline. The censored model is a mixture instead:
+    P(y ≥ cap | x) = p(x)                           a binary booster (`cap_booster`)
+    log1p(y) | y < cap, x  ~  N(μ(x), σ²)            an L2 booster on the uncapped rows (`median_booster`), σ from
+                                                     its residuals on the calibration split
+    median(x) = cap if p ≥ 0.5, else the 0.5 / (1 − p) quantile of the uncapped part
+and the upper score is an L2 booster on log1p(y) over *all* rows (`upper_booster`: capped rows at the cap), whose
+ranking survives where the q-quantile is flat. Calibration counts what serving returns: upper = max(bound,
+median), so rows whose median is already the cap are covered for free and the offset is set on the rest
+(`floored_conformal_offset`).
+
 One file holds everything: JSON metadata with both boosters as LightGBM model text (gzip'd when named *.gz). Serving calls
 `Booster.predict(num_threads=1)` (reference/cpu-feasibility.md §4: 1 thread is faster for one row and leaves
 the cores to the model).
@@ -66,6 +79,9 @@ class TrainParams:
     # the other model of the upper score: "quantile" (pinball at q) or "mean" (L2 on log1p: a smooth score where
     # the q-quantile itself is flat, e.g. when most requests run to max_tokens)
     upper_base: str = "quantile"
+    # "auto": the censored mixture (module docstring) when ≥ censored_share of the train rows hit max_tokens
+    censored: str = "auto"  # "auto", "on", "off"
+    censored_share: float = 0.2
     upper_slopes: tuple[float, ...] = (
         0.6,
         0.7,
@@ -107,6 +123,32 @@ def conformal_offset(scores: np.ndarray, quantile: float) -> float:
     return float(np.sort(scores)[k - 1])
 
 
+def floored_conformal_offset(scores: np.ndarray, covered_anyway: np.ndarray, quantile: float) -> float:
+    """Split conformal when the served bound is max(expm1(u + offset), floor): rows with y ≤ floor are covered
+    whatever the offset, so the offset only has to cover enough of the others to reach ⌈(n+1)q⌉ in all."""
+    n = len(scores)
+    if n == 0:
+        return 0.0
+    need = min(n, int(math.ceil((n + 1) * quantile))) - int(np.sum(covered_anyway))
+    rest = np.sort(scores[~covered_anyway])
+    if need <= 0 or len(rest) == 0:
+        return float(rest[0]) if len(rest) else float(np.min(scores))
+    return float(rest[min(need, len(rest)) - 1])
+
+
+def mixture_quantile(p_cap, mu, sigma: float, cap, level: float):
+    """The `level`-quantile of y when P(y ≥ cap) = p_cap and log1p(y) | y < cap ~ N(mu, sigma²), in tokens."""
+    from scipy.special import ndtri
+
+    p_cap, mu = np.atleast_1d(np.asarray(p_cap, float)), np.atleast_1d(np.asarray(mu, float))
+    cap = np.broadcast_to(np.asarray(cap, float), mu.shape)
+    out = np.array(cap, dtype=float)
+    need = level / np.maximum(1.0 - p_cap, 1e-9)
+    below = need < 1.0
+    out[below] = np.minimum(np.expm1(mu[below] + sigma * ndtri(need[below])), cap[below])
+    return out
+
+
 @dataclass
 class LengthPredictor:
     spec: FeatureSpec
@@ -124,6 +166,10 @@ class LengthPredictor:
     prior: LengthPredictor | None = (
         None  # a model of another responder (ChatGPT); its log-median is a feature
     )
+    # censored mode (module docstring): P(y ≥ cap) booster, residual sd of the uncapped model, the training cap
+    cap_booster: object | None = None
+    sigma: float = 0.0
+    cap: float = 0.0
 
     def design_row(self, row: FeatureRow) -> np.ndarray:
         """[1, columns]: (prior log-median,) (kNN,) then features.py's layout."""
@@ -146,11 +192,18 @@ class LengthPredictor:
 
     def predict_row(self, row: FeatureRow) -> Prediction:
         x = self.design_row(row)
-        log_median = float(self.median_booster.predict(x, num_threads=1)[0])
+        median = float(self._median(x)[0])
         log_q = float(self.upper_booster.predict(x, num_threads=1)[0])
-        log_upper = self.log_upper(log_median, log_q)
-        median, upper = _clamp(math.expm1(log_median), math.expm1(log_upper), _max_tokens_of(row))
+        log_upper = self.log_upper(math.log1p(median), log_q)
+        median, upper = _clamp(median, math.expm1(log_upper), _max_tokens_of(row))
         return Prediction(median, upper, self.quantile, self.buckets.bucket(upper))
+
+    def _median(self, x) -> np.ndarray:
+        """Median in tokens (unclamped) for design rows x."""
+        mu = self.median_booster.predict(x, num_threads=1)
+        if self.cap_booster is None:
+            return np.expm1(mu)
+        return mixture_quantile(self.cap_booster.predict(x, num_threads=1), mu, self.sigma, self.cap, 0.5)
 
     def log_upper(self, log_median, log_q):
         """The calibrated upper bound in log1p space (floats or arrays)."""
@@ -164,10 +217,9 @@ class LengthPredictor:
         if not rows:
             return np.zeros(0), np.zeros(0)
         x = self.design(rows)
-        log_median = self.median_booster.predict(x, num_threads=1)
+        median = self._median(x)
         log_q = self.upper_booster.predict(x, num_threads=1)
-        median = np.expm1(log_median)
-        upper = np.expm1(self.log_upper(log_median, log_q))
+        upper = np.expm1(self.log_upper(np.log1p(median), log_q))
         pairs = [_clamp(m, u, _max_tokens_of(r)) for m, u, r in zip(median, upper, rows, strict=True)]
         return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
@@ -197,6 +249,9 @@ class LengthPredictor:
             "prior": self.prior.to_doc() if self.prior is not None else None,
             "median_model": self.median_booster.model_to_string(),
             "upper_model": self.upper_booster.model_to_string(),
+            "cap_model": self.cap_booster.model_to_string() if self.cap_booster is not None else None,
+            "sigma": self.sigma,
+            "cap": self.cap,
         }
 
     @classmethod
@@ -232,6 +287,9 @@ class LengthPredictor:
             info=doc["info"],
             knn=KnnIndex.from_dict(doc["knn"]) if doc.get("knn") else None,
             prior=cls.from_doc(doc["prior"], f"{path} (prior)") if doc.get("prior") else None,
+            cap_booster=lgb.Booster(model_str=doc["cap_model"]) if doc.get("cap_model") else None,
+            sigma=doc.get("sigma", 0.0),
+            cap=doc.get("cap", 0.0),
         )
 
 
@@ -255,12 +313,20 @@ class ConstantPredictor:
 # ---- training --------------------------------------------------------------------------------------------------
 
 
-def _booster(train_x, train_y, valid_x, valid_y, alpha: float | None, params: TrainParams):
-    """alpha: the quantile to fit (pinball loss); None = the mean (L2)."""
+def _booster(
+    train_x, train_y, valid_x, valid_y, alpha: float | None, params: TrainParams, binary: bool = False
+):
+    """alpha: the quantile to fit (pinball loss); None = the mean (L2); binary: P(label = 1) (log loss)."""
     import lightgbm as lgb
 
+    if binary:
+        objective = {"objective": "binary"}
+    else:
+        objective = (
+            {"objective": "regression"} if alpha is None else {"objective": "quantile", "alpha": alpha}
+        )
     lgb_params = {
-        **({"objective": "regression"} if alpha is None else {"objective": "quantile", "alpha": alpha}),
+        **objective,
         "learning_rate": params.learning_rate,
         "num_leaves": params.num_leaves,
         "min_data_in_leaf": params.min_data_in_leaf,
@@ -348,24 +414,51 @@ def fit(
     else:
         fit_rows, stop_rows = np.where(~is_stop)[0], np.where(is_stop)[0]
     fx, fy, sx, sy = train_x[fit_rows], train_y[fit_rows], train_x[stop_rows], train_y[stop_rows]
-    median_booster = _booster(fx, fy, sx, sy, 0.5, params)
+    caps = np.array([_max_tokens_of(r) for r in train.rows], dtype=float)
+    is_capped = (caps > 0) & (train.y >= caps)
+    censored = params.censored == "on" or (
+        params.censored == "auto" and bool(np.mean(is_capped) >= params.censored_share)
+    )
     if params.upper_base not in ("quantile", "mean"):
         raise ValueError(f"upper_base must be 'quantile' or 'mean', got {params.upper_base!r}")
-    upper_alpha = params.quantile if params.upper_base == "quantile" else None
-    upper_booster = _booster(fx, fy, sx, sy, upper_alpha, params)
+    cap_booster, sigma, cap = None, 0.0, 0.0
+    cx, cy = _design(calib.rows, spec, knn, prior=prior), np.log1p(calib.y)
+    calib_caps = np.array([_max_tokens_of(r) for r in calib.rows], dtype=float)
+    if censored:
+        # mixture: P(cap) + log-normal body on the uncapped rows; upper score = L2 on every row (docstring)
+        fc, sc_ = is_capped[fit_rows], is_capped[stop_rows]
+        cap_booster = _booster(fx, fc.astype(float), sx, sc_.astype(float), None, params, binary=True)
+        median_booster = _booster(
+            fx[np.where(~fc)[0]], fy[~fc], sx[np.where(~sc_)[0]], sy[~sc_], None, params
+        )
+        upper_booster = _booster(fx, fy, sx, sy, None, params)
+        calib_uncapped = np.where(~((calib_caps > 0) & (calib.y >= calib_caps)))[0]
+        resid = cy[calib_uncapped] - median_booster.predict(cx[calib_uncapped], num_threads=1)
+        sigma = float(np.std(resid)) if len(resid) > 1 else 1.0
+        cap = float(np.median(caps[is_capped])) if is_capped.any() else float(np.max(caps))
+        blend = 0.0
+    else:
+        median_booster = _booster(fx, fy, sx, sy, 0.5, params)
+        upper_alpha = params.quantile if params.upper_base == "quantile" else None
+        upper_booster = _booster(fx, fy, sx, sy, upper_alpha, params)
+        blend = params.upper_blend
 
-    blend = params.upper_blend
+    def median_tokens(x) -> np.ndarray:
+        mu = median_booster.predict(x, num_threads=1)
+        if cap_booster is None:
+            return np.expm1(mu)
+        return mixture_quantile(cap_booster.predict(x, num_threads=1), mu, sigma, cap, 0.5)
 
     def score(x) -> np.ndarray:
-        return blend * median_booster.predict(x, num_threads=1) + (1 - blend) * upper_booster.predict(
-            x, num_threads=1
-        )
+        return blend * np.log1p(median_tokens(x)) + (1 - blend) * upper_booster.predict(x, num_threads=1)
 
     center = float(np.mean(score(fx)))
     slope = _cheapest_slope(score(sx), sy, center, params)
-    cx, cy = _design(calib.rows, spec, knn, prior=prior), np.log1p(calib.y)
     tilted = center + slope * (score(cx) - center)
-    offset = conformal_offset(cy - tilted, params.quantile)
+    # what serving returns is max(bound, median), both clamped to max_tokens: a row already covered by its
+    # (clamped) median needs no offset
+    floor = np.log1p(np.minimum(median_tokens(cx), np.where(calib_caps > 0, calib_caps, np.inf)))
+    offset = floored_conformal_offset(cy - tilted, cy <= floor + 1e-9, params.quantile)
     all_y = np.concatenate([train.y, calib.y])
     predictor = LengthPredictor(
         spec=spec,
@@ -383,12 +476,18 @@ def fit(
             "num_calib": len(calib),
             "rounds_median": median_booster.best_iteration or median_booster.current_iteration(),
             "rounds_upper": upper_booster.best_iteration or upper_booster.current_iteration(),
-            "calib_coverage": float(np.mean(cy <= tilted + offset)) if len(calib) else None,
+            "calib_coverage": float(np.mean((cy <= tilted + offset) | (cy <= floor + 1e-9)))
+            if len(calib)
+            else None,
+            "censored": censored,
             "split": asdict(split) if split else None,
             "params": asdict(params),
         },
         knn=knn,
         prior=prior,
+        cap_booster=cap_booster,
+        sigma=sigma,
+        cap=cap,
     )
     logger.info(
         "trained on %d rows (%d rounds median, %d upper), slope %.2f, calibrated on %d: offset %.3f (x%.2f)",

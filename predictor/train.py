@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the upper score blends the median model with the q-quantile model or an L2 log-mean model",
     )
     parser.add_argument(
+        "--censored",
+        choices=("auto", "on", "off"),
+        default=TrainParams.censored,
+        help="the censored mixture model (P(hit max_tokens) + a log-normal body; predictor/model.py); auto = on "
+        "when at least 20%% of the training rows ran to max_tokens",
+    )
+    parser.add_argument(
         "--knn-k", type=int, default=TrainParams.knn_k, help="nearest prompts as features; 0 = off"
     )
     parser.add_argument(
@@ -99,6 +106,7 @@ def train(args: argparse.Namespace) -> LengthPredictor:
         quantile=args.quantile,
         upper_blend=args.upper_blend,
         upper_base=args.upper_base,
+        censored=args.censored,
         learning_rate=args.learning_rate,
         num_leaves=args.num_leaves,
         min_data_in_leaf=args.min_data_in_leaf,

@@ -126,3 +126,74 @@ def test_upper_score_from_the_mean_model_is_calibrated_too():
     assert np.mean(test.y <= upper) == pytest.approx(0.9, abs=0.025)
     with pytest.raises(ValueError, match="upper_base"):
         fit(synth_dataset(100, 1, SPEC), synth_dataset(50, 2, SPEC), SPEC, TrainParams(upper_base="max"))
+
+
+def _capped_dataset(n: int, seed: int, cap: int):
+    """The synthetic rule with every request capped at max_tokens = cap: "essay" prompts (≥ 400 tokens) always
+    run to the cap, "line" prompts (~40-160) almost never: the SmolLM2 situation in miniature."""
+    from predictor.dataset import Dataset, group_key
+    from predictor.features import extract
+    from predictor_synth import synth_rows
+
+    data = Dataset()
+    for row in synth_rows(n, seed):
+        info = RequestInfo(row["prompt"], row["prompt_tokens"], max_tokens=cap)
+        data.rows.append(extract(info, SPEC))
+        data.targets.append(float(min(row["response_tokens"], cap)))
+        data.keys.append(group_key(row["prompt"]) + row["id"])
+    return data
+
+
+def test_censored_targets_get_the_mixture_model_and_stay_calibrated(tmp_path):
+    cap = 300
+    model = fit(_capped_dataset(1500, 1, cap), _capped_dataset(800, 2, cap), SPEC, PARAMS)
+    assert model.info["censored"] and model.cap == cap and model.cap_booster is not None
+    test = _capped_dataset(3000, 4, cap)
+    median, upper = model.predict_many(test.rows)
+    assert np.mean(test.y <= upper) == pytest.approx(0.9, abs=0.03)
+    assert np.all(median <= upper) and np.all(upper <= cap)
+    rng = random.Random(9)
+    for essay in (True, False):
+        prompts = [synth_prompt(rng, essay) for _ in range(100)]
+        preds = [model.predict(RequestInfo(p, len(p.split()), max_tokens=cap)) for p in prompts]
+        if essay:  # P(cap) ≈ 1: the median is the cap
+            assert np.median([p.median for p in preds]) == cap
+        else:  # P(cap) ≈ 0: the body model follows the rule
+            ratios = [pred.median / true_length(p) for pred, p in zip(preds, prompts, strict=True)]
+            assert 0.75 < np.median(ratios) < 1.3
+    metrics = length_metrics(test.y, median, upper)
+    assert metrics["kendall_tau"] > 0.5
+    path = tmp_path / "censored.json.gz"
+    model.save(path)
+    again = LengthPredictor.load(path)
+    assert np.allclose(again.predict_many(test.rows[:50])[0], median[:50])
+    # without the mixture the pinball median collapses towards the cap for every essay-or-not mix
+    plain = fit(
+        _capped_dataset(1500, 1, cap),
+        _capped_dataset(800, 2, cap),
+        SPEC,
+        TrainParams(**{**PARAMS.__dict__, "censored": "off"}),
+    )
+    assert not plain.info["censored"] and plain.cap_booster is None
+
+
+def test_floored_conformal_offset_counts_rows_the_floor_covers():
+    from predictor.model import floored_conformal_offset
+
+    scores = np.arange(1.0, 11.0)  # n = 10: ceil(11 * 0.9) = 10 rows must be covered
+    assert floored_conformal_offset(scores, np.zeros(10, dtype=bool), 0.9) == 10.0
+    covered = np.array([False] * 5 + [True] * 5)  # the floor covers 5: the offset covers the other 5
+    assert floored_conformal_offset(scores, covered, 0.9) == 5.0
+    assert floored_conformal_offset(scores, np.ones(10, dtype=bool), 0.9) == 1.0
+
+
+def test_mixture_quantile():
+    from scipy.stats import norm
+
+    from predictor.model import mixture_quantile
+
+    # p = 0: the plain log-normal median; p ≥ 0.5: the cap; p = 0.5 − ε … the upper tail of the body
+    assert mixture_quantile(0.0, np.log1p(99.0), 0.5, 1000, 0.5)[0] == pytest.approx(99.0)
+    assert mixture_quantile(0.6, np.log1p(99.0), 0.5, 1000, 0.5)[0] == 1000
+    expected = np.expm1(np.log1p(99.0) + 0.5 * norm.ppf(0.5 / 0.8))
+    assert mixture_quantile(0.2, np.log1p(99.0), 0.5, 1000, 0.5)[0] == pytest.approx(expected)
