@@ -37,6 +37,11 @@ class SchedulerConfig:
     ecoserve_lending: bool = True  # ablation "no lending": reservations must fit flat, no KVC pipelining
     ecoserve_grouping: bool = True  # ablation "no grouping": account every GT on its own
     ecoserve_ordering: bool = True  # ablation "no ordering": FCFS instead of EcoServe's KV-aware order
+    # QLM (engine/slo.py, engine/qlm.py): `--slo NAME:ttft=S,tpot=S,e2e=S` overrides of the default classes; the
+    # violation check's period on the scheduler clock; the RWT estimator's quantile (z_q of its CLT bound).
+    slo: tuple[str, ...] = ()
+    qlm_tick_s: float = 0.1
+    qlm_quantile: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class DeviceConfig:
     device_memory: int = 0  # bytes per replica (CPU budget); 0 = default
     gpu_memory_utilization: float = 0.9
     num_threads: int = 0  # torch intra-op threads in the engine; 0 = torch's default
+    swap_space: int = 0  # bytes of host memory for swapped-out KV (QLM eviction); 0 = evict by recompute only
 
 
 @dataclass(frozen=True)

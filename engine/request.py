@@ -14,6 +14,7 @@ import time
 from enum import IntEnum
 
 from engine.protocol import AddRequest, FinishReason, SamplingParams
+from engine.slo import SloTarget
 
 
 class RequestStatus(IntEnum):
@@ -88,6 +89,8 @@ class Request:
         self.error = ""
         self.queued_time = time.monotonic()  # engine intake (monotonic s): queue time counts from here
         self.first_scheduled_time: float | None = None  # first admission into the running batch
+        self.slo = SloTarget()  # the class's targets, set by the scheduler at intake (engine/slo.py)
+        self.host_block_ids: list[int] = []  # swapped out (QLM eviction): its KV sits in these host blocks
 
     @classmethod
     def from_message(cls, msg: AddRequest) -> Request:
@@ -147,6 +150,28 @@ class Request:
     def max_total_tokens(self) -> int:
         """Prompt plus every output token it may still produce: the KV it can ever need."""
         return self.num_prompt_tokens + self.sampling.max_tokens
+
+    @property
+    def ttft_deadline(self) -> float:
+        return self.queued_time + self.slo.ttft_s
+
+    @property
+    def e2e_deadline(self) -> float:
+        return self.queued_time + self.slo.e2e_s
+
+    @property
+    def next_deadline(self) -> float:
+        """When the request's next token is due (scheduler clock; inf when its class has no target): the TTFT
+        deadline before the first token; after it, the end-to-end deadline or the TPOT pace `ttft + tpot·n`
+        from intake, whichever comes first. The pace needs no first-token timestamp and forgives a fast start."""
+        if self.num_output_tokens == 0:
+            return min(self.ttft_deadline, self.e2e_deadline)
+        paced = self.ttft_deadline + self.slo.tpot_s * self.num_output_tokens
+        return min(self.e2e_deadline, paced)
+
+    @property
+    def is_swapped(self) -> bool:
+        return bool(self.host_block_ids)
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         num_prompt = len(self.prompt_token_ids)

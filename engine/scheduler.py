@@ -25,6 +25,7 @@ from engine.config import SchedulerConfig
 from engine.policy import SchedulingPolicy
 from engine.protocol import BatchComposition, FinishReason, TokenDelta
 from engine.request import Request, RequestStatus
+from engine.slo import build_slo_table
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Scheduler:
         self.ledger = policy.make_ledger(block_manager, max_model_len)  # reservations (none for vllm)
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.slo_targets = build_slo_table(config.slo)  # class -> targets; an unknown class has none
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # in admission order: the newest is last
@@ -64,6 +66,7 @@ class Scheduler:
             request.finish(FinishReason.ERROR, error)
             return TokenDelta(request.request_id, [], FinishReason.ERROR, request.num_prompt_tokens, 0, error)
         request.queued_time = self.clock()
+        request.slo = self.slo_targets.get(request.slo_class, request.slo)  # deadlines count from intake
         self.requests[request.request_id] = request
         self.waiting.append(request)
         return None

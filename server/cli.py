@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
 from engine.policy import POLICIES
+from engine.slo import build_slo_table
 from predictor.length_source import LENGTH_SOURCES
 from server.config import ServerConfig
 
@@ -92,6 +93,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--no-kv-lending", action="store_true", help="ecoserve ablation: no KVC pipelining")
     sched.add_argument("--no-gt-grouping", action="store_true", help="ecoserve ablation: no GT groups")
     sched.add_argument("--no-kv-ordering", action="store_true", help="ecoserve ablation: FCFS order")
+    sched.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="NAME:ttft=S,tpot=S,e2e=S",
+        help="SLO class targets in seconds, repeatable; overrides the defaults interactive:ttft=2,tpot=0.2 and "
+        "batch:e2e=600, or adds a class (engine/slo.py)",
+    )
+    sched.add_argument(
+        "--swap-space",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="host memory for KV swapped out by QLM eviction (e.g. 4GiB); 0 = evict by recompute only",
+    )
 
     device = parser.add_argument_group("device and memory")
     device.add_argument(
@@ -191,6 +207,10 @@ def serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)  # the default model is downloaded and converted on first use
     # Default names: the model directory's name (README: "smollm2-135m-instruct"), then --model as given.
     names = tuple(args.served_model_name or dict.fromkeys([model_dir.name, args.model]))
+    try:
+        slo_classes = tuple(build_slo_table(tuple(args.slo)))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     engine_config = EngineConfig(
         model=ModelConfig(
             model=args.model, served_model_name=names[0], dtype=args.dtype, max_model_len=args.max_model_len
@@ -206,6 +226,7 @@ def serve(args: argparse.Namespace) -> int:
             ecoserve_lending=not args.no_kv_lending,
             ecoserve_grouping=not args.no_gt_grouping,
             ecoserve_ordering=not args.no_kv_ordering,
+            slo=tuple(args.slo),
         ),
         device=DeviceConfig(
             device=args.devices,
@@ -213,6 +234,7 @@ def serve(args: argparse.Namespace) -> int:
             device_memory=args.device_memory,
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_threads=args.num_threads,
+            swap_space=args.swap_space,
         ),
     )
     server_config = ServerConfig(
@@ -221,6 +243,7 @@ def serve(args: argparse.Namespace) -> int:
         served_model_names=names,
         tokenizer_path=str(model_dir),
         api_key=args.api_key,
+        slo_classes=slo_classes,
         log_level=args.log_level,
         predictor=args.predictor,
         predictor_log=args.predictor_log,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.protocol import APP_TYPES, SamplingParams
+from engine.slo import DEFAULT_SLO_TARGETS
 
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM any number. 16 keeps the server-side matcher cheap.
@@ -28,7 +29,7 @@ SERVICE_TIER_TO_SLO_CLASS = {
     "flex": "batch",
     "batch": "batch",
 }
-DEFAULT_SLO_CLASSES = ("interactive", "batch")
+DEFAULT_SLO_CLASSES = tuple(DEFAULT_SLO_TARGETS)  # engine/slo.py; `--slo` adds classes (server/cli.py)
 
 
 ERROR_TYPES = {  # status -> the error `type` (vLLM names its exception classes; 503 as /health reports it)
@@ -158,24 +159,25 @@ def parse_identity(
 ) -> Identity:
     """tenant: X-Tenant-Id › metadata.tenant › user › "default"; app: X-App-Id › metadata.app_id › "", with its
     declared shape metadata.app_type and metadata.app_num_requests (Justitia; both optional);
-    SLO class: X-SLO-Class › service_tier (mapped) › "interactive"; priority: the body's int (lower = sooner)."""
+    SLO class: X-SLO-Class › `priority` given as a class name › service_tier (mapped) › "interactive";
+    priority: the body's int (lower = sooner; vLLM's meaning), or a string naming the SLO class."""
     metadata = _parse_metadata(body.get("metadata"))
     user = _optional_str(body, "user")
     tenant = headers.get("x-tenant-id") or metadata.get("tenant") or user or "default"
     app_id = headers.get("x-app-id") or metadata.get("app_id") or ""
-    priority = _optional_int(body, "priority")
+    priority_class = body.get("priority") if isinstance(body.get("priority"), str) else None
+    priority = None if priority_class is not None else _optional_int(body, "priority")
     tier = _optional_str(body, "service_tier")
     if tier is not None and tier not in SERVICE_TIER_TO_SLO_CLASS:
         raise RequestError(
             f"unknown service_tier {tier!r}; expected one of {sorted(SERVICE_TIER_TO_SLO_CLASS)}",
             "service_tier",
         )
-    if header_class := headers.get("x-slo-class"):
-        slo_class = header_class.strip().lower()
+    if named := headers.get("x-slo-class") or priority_class:
+        slo_class = named.strip().lower()
         if slo_class not in slo_classes:
-            raise RequestError(
-                f"unknown SLO class {header_class!r}; expected one of {list(slo_classes)}", "X-SLO-Class"
-            )
+            where = "X-SLO-Class" if headers.get("x-slo-class") else "priority"
+            raise RequestError(f"unknown SLO class {named!r}; expected one of {list(slo_classes)}", where)
     else:
         slo_class = SERVICE_TIER_TO_SLO_CLASS[tier] if tier is not None else "interactive"
     return Identity(
