@@ -37,6 +37,11 @@ class SchedulerConfig:
     ecoserve_lending: bool = True  # ablation "no lending": reservations must fit flat, no KVC pipelining
     ecoserve_grouping: bool = True  # ablation "no grouping": account every GT on its own
     ecoserve_ordering: bool = True  # ablation "no ordering": FCFS instead of EcoServe's KV-aware order
+    # Justitia / VTC (engine/fairness.py): an app stays active this long (s) after its last request finished;
+    # seconds per engine step in the fluid reference's service rate M / t_iter (the simulator sets it from its
+    # cost model; on a real engine it is the measured decode step, `kairos serve --fair-iteration-s`).
+    app_idle_timeout: float = 5.0
+    fair_iteration_s: float = 0.05
     # QLM (engine/slo.py, engine/qlm.py): `--slo NAME:ttft=S,tpot=S,e2e=S` overrides of the default classes; the
     # violation check's period on the scheduler clock; the RWT estimator's quantile (z_q of its CLT bound).
     slo: tuple[str, ...] = ()

@@ -5,10 +5,14 @@ rule; the scheduler loop calls `running_order` and `waiting_order` and never ask
 - `EcoServeOrder`: separate GT and PT queues; requests that hold (or held) KV go first, ordered SLO-urgent first,
   then more KV, then shorter predicted remaining length; PTs after them, urgent first, then by arrival.
 - `ShortestRemainingOrder`: shortest *true* remaining length first (sjf-oracle).
+- `FairOrder`: Justitia's or VTC's order (engine/fairness.py); it is also the policy's `RequestObserver`, the
+  hooks through which the scheduler reports arrivals, service and finishes (`NoObserver` for everyone else).
+- `UrgentFirst`: a rule's urgent requests in front of another ordering (QLM before Justitia, when composed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Protocol
 
@@ -79,3 +83,103 @@ class ShortestRemainingOrder:
 
     def waiting_order(self, waiting: list[Request]) -> list[Request]:
         return sorted(waiting, key=lambda r: (true_remaining(r), r.arrival_time))
+
+
+# ---- orderings that keep accounts (Justitia, VTC) -----------------------------------------------------------
+
+
+class RequestObserver(Protocol):
+    """What the scheduler tells a policy about service, with the scheduler clock's `now` (virtual in the
+    simulator). `on_capacity` comes once from the scheduler with the KV pool in tokens, and again whenever the
+    pool changes (a KunServe drop or restore); `on_progress` reports prompt tokens prefilled for the first time
+    (a recompute is not new service) and output tokens sampled in one step."""
+
+    def on_capacity(self, kv_capacity_tokens: int, now: float) -> None: ...
+
+    def on_arrival(self, request: Request, now: float) -> None: ...
+
+    def on_progress(
+        self, request: Request, new_prompt_tokens: int, new_output_tokens: int, now: float
+    ) -> None: ...
+
+    def on_finish(self, request: Request, now: float) -> None: ...
+
+
+class NoObserver:
+    """The observer of a policy that keeps no accounts: every hook is a no-op."""
+
+    def on_capacity(self, kv_capacity_tokens: int, now: float) -> None:
+        pass
+
+    def on_arrival(self, request: Request, now: float) -> None:
+        pass
+
+    def on_progress(
+        self, request: Request, new_prompt_tokens: int, new_output_tokens: int, now: float
+    ) -> None:
+        pass
+
+    def on_finish(self, request: Request, now: float) -> None:
+        pass
+
+
+class FairOrder:
+    """A fairness object of engine/fairness.py (`JustitiaOrder`, `VtcCounters`) as the scheduler's ordering and
+    observer. Waiting requests go in the fair object's order; running requests keep admission order (the fair
+    order decides who starts, not who is interrupted: see `FairVictim`). Its keys (finish tags F_a, VTC
+    counters) change only at events, so the time of the latest event is the `now` the order is taken at.
+
+    `iteration_seconds` (Justitia only) turns the KV pool into the fluid reference's service rate M / t_iter."""
+
+    def __init__(self, fair, iteration_seconds: float = 0.0) -> None:
+        self.fair = fair
+        self.iteration_seconds = iteration_seconds
+        self.now = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.fair.name
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return running
+
+    def waiting_order(self, waiting: list[Request]) -> list[Request]:
+        return self.fair.order(waiting, self.now)
+
+    def _tick(self, now: float) -> float:
+        self.now = max(self.now, now)
+        return self.now
+
+    def on_capacity(self, kv_capacity_tokens: int, now: float) -> None:
+        # Justitia §3.4: V advances at M / Σw; VTC counts tokens and has no capacity.
+        if (set_capacity := getattr(self.fair, "set_capacity", None)) is not None:
+            set_capacity(kv_capacity_tokens, self.iteration_seconds, self._tick(now))
+
+    def on_arrival(self, request: Request, now: float) -> None:
+        self.fair.on_arrival(request, self._tick(now))
+
+    def on_progress(
+        self, request: Request, new_prompt_tokens: int, new_output_tokens: int, now: float
+    ) -> None:
+        self.fair.on_progress(request, new_prompt_tokens, new_output_tokens, self._tick(now))
+
+    def on_finish(self, request: Request, now: float) -> None:
+        self.fair.on_finish(request, self._tick(now))
+
+
+class UrgentFirst:
+    """Composition hook: requests `urgent` picks (in the order it returns them) go before the rest, which keep
+    `base`'s order; running order and accounts are `base`'s. For the composed policy, QLM's urgent groups
+    (earliest deadline first) in front of Justitia's fair order (DESIGN §4 step 2)."""
+
+    def __init__(self, urgent: Callable[[list[Request]], list[Request]], base: Ordering) -> None:
+        self.urgent = urgent
+        self.base = base
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return self.base.running_order(running)
+
+    def waiting_order(self, waiting: list[Request]) -> list[Request]:
+        front = self.urgent(waiting)
+        picked = {id(r) for r in front}
+        return front + [r for r in self.base.waiting_order(waiting) if id(r) not in picked]

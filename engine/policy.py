@@ -3,6 +3,8 @@
   - an `Ordering` (engine/ordering.py): the order of running and waiting requests;
   - a KV ledger (engine/kv_ledger.py): whether a waiting request may start, by its reservation;
   - a `VictimSelector` (engine/pressure.py): who gives KV back when a running request cannot get a block;
+  - a `RequestObserver` (engine/ordering.py): told of arrivals, service and finishes, for orderings that keep
+    accounts (Justitia's virtual time, VTC's counters); a no-op for the rest;
   - two rules of the admission loop: how many waiting requests may fail to fit before it stops
     (`admission_window`; 1 is vLLM's head-of-line blocking), and whether it admits in a step that preempted.
 
@@ -16,9 +18,18 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.fairness import JustitiaOrder, VtcCounters
 from engine.kv_ledger import KVLedger, LedgerConfig, NoReservations
-from engine.ordering import EcoServeOrder, FcfsOrder, Ordering, ShortestRemainingOrder
-from engine.pressure import LedgerVictim, LongestRemainingVictim, NewestVictim, VictimSelector
+from engine.ordering import (
+    EcoServeOrder,
+    FairOrder,
+    FcfsOrder,
+    NoObserver,
+    Ordering,
+    RequestObserver,
+    ShortestRemainingOrder,
+)
+from engine.pressure import FairVictim, LedgerVictim, LongestRemainingVictim, NewestVictim, VictimSelector
 
 LedgerFactory = Callable[[BlockManager, int], KVLedger | NoReservations]  # (blocks, max_model_len) -> ledger
 
@@ -31,6 +42,7 @@ class SchedulingPolicy:
     make_ledger: LedgerFactory
     admission_window: int = 1
     admit_after_preemption: bool = False
+    observer: RequestObserver = NoObserver()  # told of arrivals, service and finishes (Justitia, VTC)
 
 
 def _no_reservations(block_manager: BlockManager, max_model_len: int) -> NoReservations:
@@ -85,11 +97,43 @@ def sjf_oracle(config: SchedulerConfig) -> SchedulingPolicy:
     )
 
 
+def justitia(config: SchedulerConfig) -> SchedulingPolicy:
+    """Justitia (papers.md §3.4, engine/fairness.py): apps in the order of their virtual finish tag, the head app's
+    requests first and the next apps back-filling within the admission window (work-conserving); vLLM's memory
+    model (no reservations, whole-prompt admission), so against `vllm` and `vtc` only the order differs; the
+    victim is the request the fair order ranks last. The KV capacity M reaches the virtual time through
+    `on_capacity` when the scheduler knows its pool (the 1-token value here never meets a request)."""
+    fair = JustitiaOrder(
+        kv_capacity_tokens=1.0,
+        iteration_seconds=config.fair_iteration_s,
+        idle_timeout=config.app_idle_timeout,
+    )
+    ordering = FairOrder(fair, iteration_seconds=config.fair_iteration_s)
+    return SchedulingPolicy(
+        "justitia",
+        ordering,
+        FairVictim(ordering),
+        _no_reservations,
+        admission_window=config.admission_window,
+        observer=ordering,
+    )
+
+
+def vtc(config: SchedulerConfig) -> SchedulingPolicy:
+    """VTC (OSDI'24): the tenant with the smallest counter of served tokens (1·input + 2·output, divided by the
+    tenant's weight) goes first, newcomers lifted to the active minimum; as VTC's Alg. 2 on vLLM, admission stops
+    at the first request that does not fit; vLLM's memory model; the victim is the largest counter's newest."""
+    ordering = FairOrder(VtcCounters())
+    return SchedulingPolicy("vtc", ordering, FairVictim(ordering), _no_reservations, observer=ordering)
+
+
 POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
     "vllm": vllm,
     "reserve-max": reserve_max,
     "ecoserve": ecoserve,
     "sjf-oracle": sjf_oracle,
+    "justitia": justitia,
+    "vtc": vtc,
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine.kv_ledger import KVLedger, NoReservations
-from engine.ordering import true_remaining
+from engine.ordering import Ordering, true_remaining
 from engine.request import Request
 
 
@@ -46,3 +46,15 @@ class LongestRemainingVictim:
 
     def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
         return max(candidates, key=true_remaining)
+
+
+class FairVictim:
+    """Justitia / VTC: the running request the fair order ranks last (Justitia: the app with the latest virtual
+    finish tag, its newest request; VTC: the tenant with the largest counter). vLLM's newest-admitted victim would
+    often be the head app's own request, just admitted ahead of everyone: preempting it undoes the order."""
+
+    def __init__(self, ordering: Ordering) -> None:
+        self.ordering = ordering
+
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
+        return self.ordering.waiting_order(candidates)[-1]

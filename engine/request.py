@@ -81,6 +81,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hits at first admission (reported in usage)
+        self.num_prompt_served = 0  # prompt tokens ever prefilled (high water): recompute is no new service
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of this request's full blocks, grown lazily
         self.status = RequestStatus.WAITING

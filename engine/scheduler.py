@@ -57,6 +57,8 @@ class Scheduler:
         self.num_generation_tokens_total = 0
         self.num_steps_total = 0
         self.last_batch = BatchComposition()  # what the last schedule() put in the batch
+        # Fair orderings account service in KV token-time: they need the pool (again after a KunServe drop).
+        self.policy.observer.on_capacity(block_manager.num_blocks * block_manager.block_size, self.clock())
 
     # ---- intake ------------------------------------------------------------------------------------------
 
@@ -69,6 +71,7 @@ class Scheduler:
         request.slo = self.slo_targets.get(request.slo_class, request.slo)  # deadlines count from intake
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.policy.observer.on_arrival(request, request.queued_time)
         return None
 
     def _never_fits(self, request: Request) -> str:
@@ -215,6 +218,7 @@ class Scheduler:
     def update(self, output: SchedulerOutput, model_output: ModelOutput) -> list[TokenDelta]:
         self.num_steps_total += 1
         deltas = []
+        now = self.clock()
         for item in output.scheduled:
             request = self.requests.get(item.request_id)
             if request is None or request.is_finished:
@@ -223,6 +227,8 @@ class Scheduler:
             self.num_prompt_tokens_total += max(0, min(end, request.num_prompt_tokens) - item.start_position)
             request.num_computed_tokens = end
             self.block_manager.cache_full_blocks(request)
+            new_prompt = self._new_prompt_service(request, item)
+            self.policy.observer.on_progress(request, new_prompt, int(item.needs_sample), now)
             if not item.needs_sample:
                 continue
             token_id = model_output.sampled[request.request_id]
@@ -234,7 +240,17 @@ class Scheduler:
             deltas.append(self._delta(request, [token_id]))
         return deltas
 
+    @staticmethod
+    def _new_prompt_service(request: Request, item: ScheduledRequest) -> int:
+        """Prompt tokens this step prefilled for the first time: a recompute after preemption and prefix-cache
+        hits are not new service (Justitia's and VTC's accounts count each prompt token once)."""
+        end = min(item.start_position + item.num_tokens, request.num_prompt_tokens)
+        new = max(0, end - max(item.start_position, request.num_prompt_served))
+        request.num_prompt_served = max(request.num_prompt_served, end)
+        return new
+
     def _finish(self, request: Request, reason: FinishReason) -> None:
+        self.policy.observer.on_finish(request, self.clock())
         self.ledger.release(request)
         self.block_manager.free(request)
         request.finish(reason)

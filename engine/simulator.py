@@ -102,6 +102,7 @@ class SimRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     after: int | None = None
     max_tokens: int = 0
+    tenant_weight: float = 1.0  # the tenant's fair share (Justitia, VTC)
 
 
 @dataclass
@@ -287,6 +288,7 @@ def _add_message(index: int, r: SimRequest, arrival_s: float) -> AddRequest:
         slo_class=r.slo_class,
         rl_mean=r.rl_mean,
         rl_q=r.rl_q,
+        tenant_weight=r.tenant_weight,
     )
 
 
