@@ -2,9 +2,12 @@
 
 The grid covers what the scheduler produces: prefill chunks of several sizes (from position 0 and on top of a
 cached context), decode batches of several sizes and context lengths, and prefill chunks mixed with decodes.
-Each shape runs once to warm up, then `repeats` times; the median is its time. A seeded quarter of the shapes is
-held out: the fit (engine/cost_model.py, non-negative, relative least squares) sees the rest, and the reported
-R² and relative errors are on the held-out shapes. K/V contents are whatever the pool holds: timing does not
+Shapes run in a seeded random order (so a burst of background load smears over the grid instead of hitting one
+family of shapes), each once to warm up, then `repeats` times; the fastest run is its time (the cost of the step
+itself; slower runs measure whoever else used the CPU). A seeded quarter of the shapes is held out: the fits
+(engine/cost_model.py, non-negative, relative least squares; the four-term form and the one with prefill
+attention) see the rest, the reported R² and relative errors are on the held-out shapes, and the form with the
+lower held-out p90 error is written. K/V contents are whatever the pool holds: timing does not
 depend on them. Only the runner is timed, not the scheduler's Python (about 0.25 ms a step at 256 running).
 """
 
@@ -30,6 +33,7 @@ from engine.protocol import SamplingParams
 HOLDOUT_FRACTION = 0.25
 GREEDY = SamplingParams(temperature=0.0)
 FILL_TOKEN_ID = 100  # any id below the vocabulary size
+NOTES_MARKER = "\n<!-- generated above by `kairos simulate calibrate`; notes below this line are kept -->\n"
 
 
 @dataclass(frozen=True)
@@ -84,17 +88,18 @@ def scheduler_output(point: GridPoint, block_size: int) -> SchedulerOutput:
 def measure(
     execute: Callable[[SchedulerOutput], Any], points: Sequence[GridPoint], block_size: int, repeats: int
 ) -> list[float]:
-    """Median seconds of `execute` per point, after one warm-up run of the same shape."""
-    seconds = []
-    for point in points:
-        output = scheduler_output(point, block_size)
+    """Fastest of `repeats` timed runs of `execute` per point, after one warm-up run of the same shape; points
+    are visited in a seeded random order, results returned in the points' order."""
+    seconds = [0.0] * len(points)
+    for i in np.random.default_rng(0).permutation(len(points)).tolist():
+        output = scheduler_output(points[i], block_size)
         execute(output)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             execute(output)
             times.append(time.perf_counter() - t0)
-        seconds.append(float(np.median(times)))
+        seconds[i] = min(times)
     return seconds
 
 
@@ -106,16 +111,18 @@ def split_holdout(num: int, seed: int = 0) -> tuple[list[int], list[int]]:
 
 
 def fit_report(
-    shapes: Sequence[StepShape], seconds: Sequence[float], seed: int = 0
+    shapes: Sequence[StepShape], seconds: Sequence[float], seed: int = 0, num_terms: int = 4
 ) -> tuple[np.ndarray, dict]:
     """Fit on the training split; errors on both splits (held-out first: that is the honest number)."""
     train, held = split_holdout(len(shapes), seed)
-    coef = fit_nonnegative([shapes[i] for i in train], [seconds[i] for i in train])
+    coef = fit_nonnegative([shapes[i] for i in train], [seconds[i] for i in train], num_terms=num_terms)
     probe = CostModel(*coef.tolist())
     errors = {
+        "num_terms": num_terms,
+        "coefficients": coef.tolist(),
         "held_out": fit_errors(probe, [shapes[i] for i in held], [seconds[i] for i in held]),
         "train": fit_errors(probe, [shapes[i] for i in train], [seconds[i] for i in train]),
-        "held_out_labels_index": held,
+        "held_out_index": held,
     }
     return coef, errors
 
@@ -140,6 +147,7 @@ def calibrate(
     """Load the model, time the grid, fit, write the cost-model JSON (and the markdown summary)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine process (docs/architecture.md)
     from engine.config import DeviceConfig, ModelConfig
+    from engine.model_store import resolve_model
     from engine.runner import ModelRunner  # torch lives behind this import
 
     started = time.perf_counter()
@@ -149,11 +157,13 @@ def calibrate(
     points = default_grid(min(runner.num_kv_blocks, 40_000 // 16) * 16)
     seconds = measure(runner.execute, points, runner.block_size, repeats)
     shapes = [StepShape.of(scheduler_output(p, runner.block_size)) for p in points]
-    coef, errors = fit_report(shapes, seconds)
-    errors["held_out_labels"] = [points[i].label for i in errors.pop("held_out_labels_index")]
+    fits = {n: fit_report(shapes, seconds, num_terms=n) for n in (4, 5)}
+    chosen = min(fits, key=lambda n: fits[n][1]["held_out"]["p90_rel_error"])
+    coef = fits[chosen][0]
+    held_labels = [points[i].label for i in fits[chosen][1]["held_out_index"]]
     fitted = CostModel(
         *coef.tolist(),
-        name=f"{runner.device}-{runner.model_name}",
+        name=f"{runner.device}-{resolve_model(model).name}",
         source="measured",
         num_kv_blocks=runner.num_kv_blocks,
         block_size=runner.block_size,
@@ -167,21 +177,21 @@ def calibrate(
             "model": model,
             "repeats": repeats,
             "calibration_seconds": round(time.perf_counter() - started, 1),
-            "fit": errors,
+            "fit": {"chosen_num_terms": chosen, "held_out_labels": held_labels}
+            | {f"{n}_terms": report for n, (_, report) in fits.items()},
             "points": [
                 {"label": p.label, **shape.__dict__, "seconds": s, "predicted": None}
                 for p, shape, s in zip(points, shapes, seconds, strict=True)
             ],
         },
     )
-    for row in fitted.info["points"]:
-        row["predicted"] = fitted.step_seconds(
-            StepShape(row["prefill_tokens"], row["num_decode"], row["sum_context"])
-        )
+    for row, shape in zip(fitted.info["points"], shapes, strict=True):
+        row["predicted"] = fitted.step_seconds(shape)
     fitted.save(out_json)
     if out_markdown is not None:
         out_markdown.parent.mkdir(parents=True, exist_ok=True)
-        out_markdown.write_text(render_markdown(fitted, out_json))
+        kept = out_markdown.read_text().partition(NOTES_MARKER)[2] if out_markdown.is_file() else ""
+        out_markdown.write_text(render_markdown(fitted, out_json) + NOTES_MARKER + kept)
     return fitted
 
 
@@ -193,51 +203,60 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.3g} µs"
 
 
+def _fit_rows(fit: dict[str, Any]) -> list[str]:
+    rows = []
+    for n in (4, 5):
+        report = fit[f"{n}_terms"]
+        a, b, c, d, e = report["coefficients"]
+        coef = f"a {_us(a)}, b {_us(b)}, c {_us(c)}, d {_us(d)}" + (f", e {e * 1e9:.3g} ns" if n == 5 else "")
+        chosen = " (written)" if fit["chosen_num_terms"] == n else ""
+        for split in ("held_out", "train"):
+            r = report[split]
+            rows.append(
+                f"| {n} terms{chosen} | {coef if split == 'held_out' else ''} | {split.replace('_', ' ')} | "
+                f"{r['num_points']} | {r['r2']:.3f} | {r['median_rel_error']:.1%} | {r['p90_rel_error']:.1%} | "
+                f"{r['max_rel_error']:.1%} |"
+            )
+    return rows
+
+
 def render_markdown(fitted: CostModel, json_path: Path) -> str:
-    """docs/results/simulator.md: the measured fit, every grid point, and the H100 preset's derivation."""
+    """docs/results/simulator.md: the measured fits, every grid point, and the H100 preset's derivation."""
     info = fitted.info
-    held, train = info["fit"]["held_out"], info["fit"]["train"]
     preset = h100_llama3_8b()
     lines = [
         "# Simulator cost model",
         "",
         "The simulator (`engine/simulator.py`, `kairos simulate`) runs the real `EngineCore` and scheduler on a",
-        "virtual clock; one step costs `a + b·prefill_tokens + c·num_decode + d·Σcontext` seconds",
-        "(`engine/cost_model.py`). Simulated results are always labelled as simulated.",
+        "virtual clock; one step costs `a + b·prefill_tokens + c·num_decode + d·Σcontext` seconds, optionally",
+        "`+ e·prefill_pairs` (causal query-key pairs of prefill chunks) (`engine/cost_model.py`). Simulated",
+        "results are always labelled as simulated. Regenerate this file with the command below.",
         "",
         f"## Measured: {fitted.name}",
         "",
         f"Command: `{info['command']}` ({info['date']}, {info['calibration_seconds']} s).",
         f"Machine: {', '.join(f'{k} {v}' for k, v in info['machine']['lscpu'].items())}; load average (1, 5, 15 "
         f"min) {_loads(info['machine']['load_average'])} before, {_loads(info['load_average_after'])} after: "
-        "a load above zero means other work shared the CPUs, and the timings carry its noise.",
-        f"JSON: `{json_path}`. Pool: {fitted.num_kv_blocks} blocks of {fitted.block_size} tokens.",
+        "a load above the core count means other work shared the CPUs, and the timings carry its noise.",
+        f"JSON: `{json_path}`. Pool: {fitted.num_kv_blocks} blocks of {fitted.block_size} tokens. Each shape: "
+        f"fastest of {info['repeats']} runs after a warm-up, shapes in a seeded random order.",
         "",
-        "| coefficient | value |",
-        "|---|---|",
-        f"| a (per step) | {_us(fitted.a_s)} |",
-        f"| b (per prefill token) | {_us(fitted.b_s_per_prefill_token)} |",
-        f"| c (per decode request) | {_us(fitted.c_s_per_decode)} |",
-        f"| d (per context token) | {_us(fitted.d_s_per_context_token)} |",
+        "Fits: non-negative least squares on relative error over a seeded 75 % of the grid; the other 25 % is",
+        "held out. Errors are |predicted − measured| / measured; R² is on seconds.",
         "",
-        "Fit: non-negative least squares on relative error, over a seeded 75 % of the grid; errors below are",
-        "|predicted − measured| / measured.",
+        "| form | coefficients | points | n | R² | median rel. error | p90 rel. error | max rel. error |",
+        "|---|---|---|---|---|---|---|---|",
+        *_fit_rows(info["fit"]),
         "",
-        "| points | n | R² | median rel. error | p90 rel. error | max rel. error |",
-        "|---|---|---|---|---|---|",
-        f"| held out | {held['num_points']} | {held['r2']:.3f} | {held['median_rel_error']:.1%} | "
-        f"{held['p90_rel_error']:.1%} | {held['max_rel_error']:.1%} |",
-        f"| train | {train['num_points']} | {train['r2']:.3f} | {train['median_rel_error']:.1%} | "
-        f"{train['p90_rel_error']:.1%} | {train['max_rel_error']:.1%} |",
-        "",
-        "| shape | prefill tokens | decodes | Σcontext | measured ms | predicted ms | held out |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | prefill tokens | decodes | Σcontext | prefill pairs | measured ms | predicted ms | held out |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     held_labels = set(info["fit"]["held_out_labels"])
     for p in info["points"]:
         lines.append(
             f"| {p['label']} | {p['prefill_tokens']} | {p['num_decode']} | {p['sum_context']} | "
-            f"{p['seconds'] * 1e3:.2f} | {p['predicted'] * 1e3:.2f} | {'yes' if p['label'] in held_labels else ''} |"
+            f"{p['prefill_pairs']} | {p['seconds'] * 1e3:.2f} | {p['predicted'] * 1e3:.2f} | "
+            f"{'yes' if p['label'] in held_labels else ''} |"
         )
     lines += [
         "",
@@ -245,12 +264,14 @@ def render_markdown(fitted: CostModel, json_path: Path) -> str:
         "",
         "No GPU was measured. The preset is a data-sheet roofline (`engine/cost_model.py` `h100_llama3_8b`):",
         "",
-        "- Llama-3-8B: 8.03e9 parameters → 16.06 GB of bf16 weights; 32 layers × 8 KV heads × 128 dims × 2 (K, V)",
-        "  × 2 bytes = 128 KiB of KV per token.",
+        "- Llama-3-8B: 8.03e9 parameters → 16.06 GB of bf16 weights; 32 layers, hidden 4096, 8 KV heads × 128",
+        "  dims × 2 (K, V) × 2 bytes = 128 KiB of KV per token.",
         "- H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16, 80 GiB.",
         f"- a = weights / bandwidth = {_us(preset.a_s)} (each step streams the weights once: the decode floor).",
         f"- b = c = 2 × 8.03e9 FLOP / 989 TFLOP/s = {_us(preset.b_s_per_prefill_token)} per token.",
         f"- d = 128 KiB / 3.35 TB/s = {preset.d_s_per_context_token * 1e9:.1f} ns per context token (KV read).",
+        f"- e = 4 × 4096 × 32 FLOP / 989 TFLOP/s = {preset.e_s_per_prefill_pair * 1e9:.2f} ns per prefill "
+        "query-key pair (QKᵀ and PV).",
         f"- Pool: 80 GiB × 0.9 − weights − 512 MiB = {preset.num_kv_blocks} blocks of 16 tokens "
         f"({preset.num_kv_blocks * 16:,} tokens).",
         "",
@@ -263,10 +284,13 @@ def render_markdown(fitted: CostModel, json_path: Path) -> str:
 
 def main_calibrate(args: Any, argv: Sequence[str]) -> int:
     fitted = calibrate(args.model, args.device, args.repeats, args.out, args.markdown, argv)
-    held = fitted.info["fit"]["held_out"]
-    sys.stdout.write(
-        f"{fitted.name}: a={_us(fitted.a_s)} b={_us(fitted.b_s_per_prefill_token)} "
-        f"c={_us(fitted.c_s_per_decode)} d={_us(fitted.d_s_per_context_token)}; held-out R² {held['r2']:.3f}, "
-        f"median rel. error {held['median_rel_error']:.1%}, p90 {held['p90_rel_error']:.1%}; wrote {args.out}\n"
-    )
+    fit = fitted.info["fit"]
+    for n in (4, 5):
+        held = fit[f"{n}_terms"]["held_out"]
+        sys.stdout.write(
+            f"{n} terms{' (written)' if fit['chosen_num_terms'] == n else ''}: "
+            f"{', '.join(f'{c:.3g}' for c in fit[f'{n}_terms']['coefficients'])} s; held-out R² {held['r2']:.3f}, "
+            f"median rel. error {held['median_rel_error']:.1%}, p90 {held['p90_rel_error']:.1%}\n"
+        )
+    sys.stdout.write(f"{fitted.name}: wrote {args.out}\n")
     return 0

@@ -5,6 +5,10 @@
     num_decode       scheduled items of exactly one token
     Σcontext         Σ over scheduled items of start_position + num_tokens (tokens attended, i.e. KV read)
 
+An optional fifth term `e·prefill_pairs` (causal query-key pairs of the prefill chunks: n·start + n(n+1)/2 per
+chunk) models prefill attention, which grows with the square of a long prompt; the four-term form cannot (on
+CPU it under-predicts a lone 2048-token prefill by half). It is 0 unless a calibration fitted it.
+
 Coefficients come from `kairos simulate calibrate` (a least-squares fit to the real ModelRunner, engine/calibrate.py)
 or from a preset. Presets are ASSUMPTIONS derived from data-sheet numbers, never measurements; they say so in
 `source`. Numpy only: no torch here.
@@ -23,7 +27,7 @@ import orjson
 
 from engine.batch import SchedulerOutput
 
-FEATURES = ("a_s", "b_s_per_prefill_token", "c_s_per_decode", "d_s_per_context_token")
+FEATURES = ("a_s", "b_s_per_prefill_token", "c_s_per_decode", "d_s_per_context_token", "e_s_per_prefill_pair")
 
 
 @dataclass(frozen=True)
@@ -33,21 +37,29 @@ class StepShape:
     prefill_tokens: int
     num_decode: int
     sum_context: int
+    prefill_pairs: int = 0
 
     @classmethod
     def of(cls, output: SchedulerOutput) -> StepShape:
-        prefill = num_decode = context = 0
+        prefill = num_decode = context = pairs = 0
         for item in output.scheduled:
             n = len(item.token_ids)
             if n > 1:
                 prefill += n
+                pairs += n * item.start_position + n * (n + 1) // 2
             else:
                 num_decode += 1
             context += item.start_position + n
-        return cls(prefill, num_decode, context)
+        return cls(prefill, num_decode, context, pairs)
 
-    def row(self) -> tuple[float, float, float, float]:
-        return (1.0, float(self.prefill_tokens), float(self.num_decode), float(self.sum_context))
+    def row(self) -> tuple[float, ...]:
+        return (
+            1.0,
+            float(self.prefill_tokens),
+            float(self.num_decode),
+            float(self.sum_context),
+            float(self.prefill_pairs),
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class CostModel:
     b_s_per_prefill_token: float
     c_s_per_decode: float
     d_s_per_context_token: float
+    e_s_per_prefill_pair: float = 0.0
     name: str = "custom"
     source: str = "measured"  # "measured" or "ASSUMPTION: ..." for presets
     num_kv_blocks: int = 0  # the pool of the engine it describes (0: unknown; the CLI then needs --kv-blocks)
@@ -71,11 +84,12 @@ class CostModel:
             + self.b_s_per_prefill_token * shape.prefill_tokens
             + self.c_s_per_decode * shape.num_decode
             + self.d_s_per_context_token * shape.sum_context
+            + self.e_s_per_prefill_pair * shape.prefill_pairs
         )
 
     @property
-    def coefficients(self) -> tuple[float, float, float, float]:
-        return (self.a_s, self.b_s_per_prefill_token, self.c_s_per_decode, self.d_s_per_context_token)
+    def coefficients(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in FEATURES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,30 +117,33 @@ class CostModel:
 
 
 def fit_nonnegative(
-    shapes: Sequence[StepShape], seconds: Sequence[float], relative: bool = True
+    shapes: Sequence[StepShape], seconds: Sequence[float], relative: bool = True, num_terms: int = 4
 ) -> np.ndarray:
-    """Non-negative least squares for (a, b, c, d). With `relative`, each row is divided by its measured time, so
+    """Non-negative least squares for (a, b, c, d), or (a, b, c, d, e) with num_terms=5; returns all five
+    (unfitted ones 0). With `relative`, each row is divided by its measured time, so
     the fit minimizes relative error: steps range from milliseconds to a second, and an absolute fit would let
     the big prefills decide everything while a 10 ms decode step is off by 50 %.
 
-    Four unknowns: try every support (2^4 subsets), solve ordinary least squares on it, keep the feasible one
-    with the least residual. The NNLS optimum is the OLS solution on its own support, so this is exact."""
-    x = np.array([s.row() for s in shapes], dtype=np.float64)
+    At most five unknowns: try every support (2^5 subsets), solve ordinary least squares on it, keep the feasible
+    one with the least residual. The NNLS optimum is the OLS solution on its own support, so this is exact."""
+    if num_terms not in (4, 5):
+        raise ValueError(f"num_terms is 4 or 5, got {num_terms}")
+    x = np.array([s.row()[:num_terms] for s in shapes], dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
     if len(y) != len(x) or len(y) < 4:
         raise ValueError(f"need at least 4 (shape, seconds) pairs of equal count, got {len(x)} and {len(y)}")
     if relative:
         x, y = x / y[:, None], np.ones_like(y)
-    best, best_residual = np.zeros(4), float(np.sum(y**2))
-    for k in range(1, 5):
-        for support in itertools.combinations(range(4), k):
+    best, best_residual = np.zeros(len(FEATURES)), float(np.sum(y**2))
+    for k in range(1, num_terms + 1):
+        for support in itertools.combinations(range(num_terms), k):
             cols = list(support)
             coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
             if np.any(coef < 0):
                 continue
             residual = float(np.sum((x[:, cols] @ coef - y) ** 2))
             if residual < best_residual:
-                best = np.zeros(4)
+                best = np.zeros(len(FEATURES))
                 best[cols] = coef
                 best_residual = residual
     return best
@@ -162,6 +179,7 @@ def h100_llama3_8b() -> CostModel:
     b = 2 · 8.03e9 FLOP per token / 989e12 FLOP/s            = 16.2 µs per prefill token (dense matmuls)
     c = the same matmul FLOPs for a decode token             = 16.2 µs per decode request
     d = KV bytes per token / bandwidth = 131072 / 3.35e12    = 39.1 ns per context token (KV read once per step)
+    e = 4 · 4096 (hidden) · 32 layers FLOP / 989e12          = 0.53 ns per prefill query-key pair (QKᵀ and PV)
 
     Adding the memory and compute terms (instead of taking their max, as a roofline would) overestimates a step
     that overlaps them perfectly; assuming 100 % of peak underestimates every real kernel. Both are assumptions.
@@ -180,6 +198,7 @@ def h100_llama3_8b() -> CostModel:
         b_s_per_prefill_token=2 * params / bf16_flops,
         c_s_per_decode=2 * params / bf16_flops,
         d_s_per_context_token=kv_bytes_per_token / hbm_bytes_per_s,
+        e_s_per_prefill_pair=4 * 4096 * 32 / bf16_flops,
         name="h100-llama3-8b",
         source="ASSUMPTION: data-sheet roofline (H100 SXM 3.35 TB/s, 989 TFLOP/s bf16; Llama-3-8B bf16), "
         "not measured; see engine/cost_model.py h100_llama3_8b",

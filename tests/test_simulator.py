@@ -62,7 +62,8 @@ def test_runner_advances_the_clock_by_the_cost_model() -> None:
         ]
     )
     model_output = runner.execute(output)
-    shape = StepShape(prefill_tokens=14, num_decode=2, sum_context=15 + 4 + 21 + 8)
+    pairs = (10 * 5 + 10 * 11 // 2) + 4 * 5 // 2  # causal query-key pairs of the two prefill chunks
+    shape = StepShape(prefill_tokens=14, num_decode=2, sum_context=15 + 4 + 21 + 8, prefill_pairs=pairs)
     expected = 0.5 + 14 * 2.0**-6 + 2 * 2.0**-5 + 48 * 2.0**-10
     assert StepShape.of(output) == shape
     assert clock() == 10.0 + expected
@@ -169,6 +170,12 @@ def test_fit_recovers_known_coefficients_exactly() -> None:
     for relative in (True, False):
         coef = fit_nonnegative(shapes, seconds, relative=relative)
         np.testing.assert_allclose(coef, truth.coefficients, rtol=1e-6)
+    with_attention = CostModel(3e-3, 4e-5, 2e-4, 3e-7, e_s_per_prefill_pair=2e-9)
+    seconds5 = [with_attention.step_seconds(s) for s in shapes]
+    np.testing.assert_allclose(
+        fit_nonnegative(shapes, seconds5, num_terms=5), with_attention.coefficients, rtol=1e-6
+    )
+    assert fit_nonnegative(shapes, seconds5, num_terms=4)[4] == 0.0  # the four-term fit never uses e
     coef, errors = fit_report(shapes, seconds)
     assert errors["held_out"]["r2"] == pytest.approx(1.0)
     assert errors["held_out"]["p90_rel_error"] < 1e-9
@@ -199,11 +206,23 @@ def test_cost_model_json_round_trip_and_h100_preset_is_labelled_an_assumption(tm
     preset = PRESETS["h100-llama3-8b"]
     assert preset.source.startswith("ASSUMPTION")
     assert math.isclose(preset.a_s, 16.06e9 / 3.35e12) and preset.num_kv_blocks == 28_949
+    assert math.isclose(preset.d_s_per_context_token, 131072 / 3.35e12) and preset.e_s_per_prefill_pair > 0
     path = tmp_path / "cost.json"
     preset.save(path)
     assert CostModel.load(str(path)) == preset
     with pytest.raises(ValueError, match="not a preset"):
         CostModel.load(str(tmp_path / "missing.json"))
+
+
+def test_rl_noise_is_seeded_log_normal_around_the_truth() -> None:
+    from engine.simulate_cli import with_rl_noise
+
+    requests = [SimRequest(0.0, 10, 200, rl_mean=200.0, rl_q=200.0)] * 2000
+    noisy = with_rl_noise(requests, 0.5, np.random.default_rng(0))
+    assert noisy == with_rl_noise(requests, 0.5, np.random.default_rng(0))
+    ratios = np.log([r.rl_q / 200.0 for r in noisy])
+    assert abs(np.median(ratios)) < 0.05 and 0.45 < ratios.std() < 0.55
+    assert all(r.rl_mean == r.rl_q and r.num_output_tokens == 200 for r in noisy)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
