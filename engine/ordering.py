@@ -5,6 +5,8 @@ rule; the scheduler loop calls `running_order` and `waiting_order` and never ask
 - `EcoServeOrder`: separate GT and PT queues; requests that hold (or held) KV go first, ordered SLO-urgent first,
   then more KV, then shorter predicted remaining length; PTs after them, urgent first, then by arrival.
 - `ShortestRemainingOrder`: shortest *true* remaining length first (sjf-oracle).
+- `EdfOrder`: earliest deadline first (QLM's baseline); `QlmOrder`: QLM's urgent groups first, earliest deadline
+  first, then a base order (engine/qlm.py decides who is urgent, every tick).
 - `FairOrder`: Justitia's or VTC's order (engine/fairness.py); it is also the policy's `RequestObserver`, the
   hooks through which the scheduler reports arrivals, service and finishes (`NoObserver` for everyone else).
 - `UrgentFirst`: a rule's urgent requests in front of another ordering (QLM before Justitia, when composed).
@@ -49,15 +51,24 @@ class FcfsOrder:
         return sorted(waiting, key=lambda r: (r.status != RequestStatus.PREEMPTED, r.arrival_time))
 
 
+class SloUrgency(Protocol):
+    """Who is at risk of missing a deadline now: QLM's violation check (engine/qlm.py `QlmMonitor`)."""
+
+    def is_urgent(self, request: Request) -> bool: ...
+
+
 class EcoServeOrder:
     """EcoServe's Ordering (papers.md §1.4): among requests that hold KV (running GTs, and preempted GTs whose KV
     must be rebuilt) SLO-urgent first, then more KV held (to release KV earlier), then shorter predicted remaining
     length. The GT queue is served before the PT queue, so every step is filled with PTs after the GTs."""
 
+    def __init__(self, urgency: SloUrgency | None = None) -> None:
+        self.urgency = urgency
+
     def is_slo_urgent(self, request: Request) -> bool:
-        """An interactive request whose deadline is at risk. QLM's RWT estimator (issue 8) decides that; until
-        it exists no request is urgent, and the order falls through to KV held and remaining length."""
-        return False
+        """A request whose deadline is at risk, as QLM's RWT estimator sees it (the `urgency` given, composed
+        with QLM); without one no request is urgent, and the order falls through to KV held and remaining length."""
+        return self.urgency is not None and self.urgency.is_urgent(request)
 
     def _kv_key(self, request: Request) -> tuple[bool, int, float]:
         return (not self.is_slo_urgent(request), -request.num_tokens, predicted_remaining(request))
@@ -83,6 +94,39 @@ class ShortestRemainingOrder:
 
     def waiting_order(self, waiting: list[Request]) -> list[Request]:
         return sorted(waiting, key=lambda r: (true_remaining(r), r.arrival_time))
+
+
+class EdfOrder:
+    """Earliest deadline first (QLM's EDF baseline): waiting requests by their next deadline (engine/request.py),
+    ties by arrival; running requests keep admission order."""
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return running
+
+    def waiting_order(self, waiting: list[Request]) -> list[Request]:
+        return sorted(waiting, key=lambda r: (r.next_deadline, r.queued_time))
+
+
+class QlmOrder:
+    """QLM (papers.md §4): the requests of groups the violation check found urgent go first, earliest deadline
+    first; the rest keep `base`'s order (FCFS by default), so nothing is reordered while every deadline is safe."""
+
+    def __init__(self, urgency: SloUrgency, base: Ordering | None = None) -> None:
+        self.urgency = urgency
+        self.base = base or FcfsOrder()
+
+    def urgent_first(self, waiting: list[Request]) -> list[Request]:
+        """The urgent requests of `waiting`, earliest deadline first."""
+        urgent = [r for r in waiting if self.urgency.is_urgent(r)]
+        return sorted(urgent, key=lambda r: (r.next_deadline, r.queued_time))
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return self.base.running_order(running)
+
+    def waiting_order(self, waiting: list[Request]) -> list[Request]:
+        front = self.urgent_first(waiting)
+        rest = [r for r in waiting if not self.urgency.is_urgent(r)]
+        return front + self.base.waiting_order(rest)
 
 
 # ---- orderings that keep accounts (Justitia, VTC) -----------------------------------------------------------
@@ -125,9 +169,11 @@ class NoObserver:
 
 class FairOrder:
     """A fairness object of engine/fairness.py (`JustitiaOrder`, `VtcCounters`) as the scheduler's ordering and
-    observer. Waiting requests go in the fair object's order; running requests keep admission order (the fair
-    order decides who starts, not who is interrupted: see `FairVictim`). Its keys (finish tags F_a, VTC
-    counters) change only at events, so the time of the latest event is the `now` the order is taken at.
+    observer. Running and waiting requests both go in the fair object's order. For running ones that matters when
+    KV runs out: a running request takes its next block before those after it, and the victim comes from those
+    after it (`FairVictim`), so a back-filled request of a later app never preempts the head app's (in admission
+    order it would, whenever it was admitted first). The keys (finish tags F_a, VTC counters) change only at
+    events, so the time of the latest event is the `now` the order is taken at.
 
     `iteration_seconds` (Justitia only) turns the KV pool into the fluid reference's service rate M / t_iter."""
 
@@ -141,7 +187,7 @@ class FairOrder:
         return self.fair.name
 
     def running_order(self, running: list[Request]) -> list[Request]:
-        return running
+        return self.fair.order(running, self.now)
 
     def waiting_order(self, waiting: list[Request]) -> list[Request]:
         return self.fair.order(waiting, self.now)
