@@ -42,7 +42,10 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     finished_request_ids: list[str] = field(default_factory=list)  # freed since the last step
-    preempted_request_ids: list[str] = field(default_factory=list)  # preempted this step (recompute)
+    preempted_request_ids: list[str] = field(default_factory=list)  # preempted this step (recompute or swap)
+    # QLM eviction (engine/swap.py): KV block copies the runner makes before the forward pass, swap-outs first.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +53,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing for the runner: no tokens and no KV to move (a lone swap-out must still run)."""
+        return not self.scheduled and not self.swap_out and not self.swap_in
 
 
 @dataclass(frozen=True)

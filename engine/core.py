@@ -20,6 +20,7 @@ from engine.policy import make_policy
 from engine.protocol import AddRequest, BatchComposition, EngineStats, QueueStat, Ready, TokenDelta
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
+from engine.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ def build_scheduler(
         runner.max_model_len,
         runner.eos_token_ids,
         clock,
+        # Host swap space for QLM eviction, where the runner has one (its bandwidth measured at start-up).
+        SwapSpace(getattr(runner, "num_host_blocks", 0), getattr(runner, "swap_seconds_per_block", 0.0)),
     )
 
 

@@ -5,6 +5,9 @@
   - a `VictimSelector` (engine/pressure.py): who gives KV back when a running request cannot get a block;
   - a `RequestObserver` (engine/ordering.py): told of arrivals, service and finishes, for orderings that keep
     accounts (Justitia's virtual time, VTC's counters); a no-op for the rest;
+  - an `SloMonitor` (engine/qlm.py): QLM's violation check every tick, which marks requests urgent (an urgent
+    request may evict lower-class running work); it also meters the steps. A no-op check for the rest;
+  - `swaps`: whether a preempted request's KV may go to host memory when that is cheaper (engine/swap.py);
   - two rules of the admission loop: how many waiting requests may fail to fit before it stops
     (`admission_window`; 1 is vLLM's head-of-line blocking), and whether it admits in a step that preempted.
 
@@ -14,7 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
@@ -22,14 +25,25 @@ from engine.fairness import JustitiaOrder, VtcCounters
 from engine.kv_ledger import KVLedger, LedgerConfig, NoReservations
 from engine.ordering import (
     EcoServeOrder,
+    EdfOrder,
     FairOrder,
     FcfsOrder,
     NoObserver,
     Ordering,
+    QlmOrder,
     RequestObserver,
     ShortestRemainingOrder,
 )
-from engine.pressure import FairVictim, LedgerVictim, LongestRemainingVictim, NewestVictim, VictimSelector
+from engine.pressure import (
+    ClassVictim,
+    FairVictim,
+    LatestDeadlineVictim,
+    LedgerVictim,
+    LongestRemainingVictim,
+    NewestVictim,
+    VictimSelector,
+)
+from engine.qlm import NoSloMonitor, QlmMonitor, SloMonitor
 
 LedgerFactory = Callable[[BlockManager, int], KVLedger | NoReservations]  # (blocks, max_model_len) -> ledger
 
@@ -43,6 +57,8 @@ class SchedulingPolicy:
     admission_window: int = 1
     admit_after_preemption: bool = False
     observer: RequestObserver = NoObserver()  # told of arrivals, service and finishes (Justitia, VTC)
+    slo: SloMonitor = field(default_factory=NoSloMonitor)  # QLM's violation check; meters all steps
+    swaps: bool = False  # preemption may swap KV to host memory (engine/swap.py) instead of recomputing
 
 
 def _no_reservations(block_manager: BlockManager, max_model_len: int) -> NoReservations:
@@ -127,6 +143,23 @@ def vtc(config: SchedulerConfig) -> SchedulingPolicy:
     return SchedulingPolicy("vtc", ordering, FairVictim(ordering), _no_reservations, observer=ordering)
 
 
+def edf(config: SchedulerConfig) -> SchedulingPolicy:
+    """Earliest deadline first (QLM's baseline, papers.md §4.5): waiting requests by their next deadline; vLLM's
+    memory model and head-of-line blocking; the victim the running request with the latest deadline, recomputed."""
+    return SchedulingPolicy("edf", EdfOrder(), LatestDeadlineVictim(), _no_reservations)
+
+
+def qlm(config: SchedulerConfig) -> SchedulingPolicy:
+    """QLM (papers.md §4, engine/qlm.py): FCFS until the RWT estimator, checked every `qlm_tick_s`, predicts a
+    group will miss its deadline; then urgent groups first, earliest deadline first, and an urgent request that
+    cannot be admitted evicts lower-class running requests (lowest class, most KV, longest remaining), swapping
+    their KV to host memory or recomputing it, whichever is cheaper. vLLM's memory model otherwise."""
+    monitor = QlmMonitor(config.qlm_tick_s, config.qlm_quantile)
+    return SchedulingPolicy(
+        "qlm", QlmOrder(monitor), ClassVictim(), _no_reservations, slo=monitor, swaps=True
+    )
+
+
 POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
     "vllm": vllm,
     "reserve-max": reserve_max,
@@ -134,6 +167,8 @@ POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
     "sjf-oracle": sjf_oracle,
     "justitia": justitia,
     "vtc": vtc,
+    "edf": edf,
+    "qlm": qlm,
 }
 
 

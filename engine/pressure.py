@@ -1,7 +1,7 @@
 """The pressure ladder's last rungs: which running request gives its KV back (recompute) when a running request
 cannot get a block. The cheaper rungs live elsewhere: stop admitting (the scheduler admits nothing in a step that
-preempted), lend unwritten KV and draw from the reserve (engine/kv_ledger.py). QLM eviction and KunServe drop
-plug in here later.
+preempted), lend unwritten KV and draw from the reserve (engine/kv_ledger.py). QLM eviction (`ClassVictim`; swap
+or recompute, engine/swap.py) and KunServe drop plug in here.
 
 `candidates` are the running requests not yet scheduled this step, in the scheduler's running order.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine.kv_ledger import KVLedger, NoReservations
-from engine.ordering import Ordering, true_remaining
+from engine.ordering import Ordering, predicted_remaining, true_remaining
 from engine.request import Request
 
 
@@ -46,6 +46,26 @@ class LongestRemainingVictim:
 
     def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
         return max(candidates, key=true_remaining)
+
+
+class LatestDeadlineVictim:
+    """EDF's victim: the running request whose next deadline is furthest away, the newest among equals."""
+
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
+        return max(enumerate(candidates), key=lambda ir: (ir[1].next_deadline, ir[0]))[1]
+
+
+class ClassVictim:
+    """QLM eviction (DESIGN §4 pressure ladder, rung 4): the lowest SLO class first (the most relaxed target),
+    then the one holding the most KV (it frees the most), then the longest predicted remaining length (it would
+    hold that KV longest)."""
+
+    @staticmethod
+    def rank(request: Request) -> tuple[float, int, float]:
+        return (request.slo.tightness, len(request.block_ids), predicted_remaining(request))
+
+    def select_victim(self, candidates: list[Request], ledger: KVLedger | NoReservations) -> Request:
+        return max(candidates, key=self.rank)
 
 
 class FairVictim:

@@ -215,6 +215,19 @@ class Request:
         self.block_ids = []
         self.num_preemptions += 1
 
+    def swap_out(self, host_block_ids: list[int]) -> None:
+        """Swap preemption (QLM eviction): its KV now lives in `host_block_ids`; tokens and computed progress are
+        kept, so it resumes where it stopped once swapped back in."""
+        self.status = RequestStatus.PREEMPTED
+        self.block_ids = []
+        self.host_block_ids = list(host_block_ids)
+        self.num_preemptions += 1
+
+    def take_host_blocks(self) -> list[int]:
+        """Swap-in: hand over the host blocks holding its KV (in block-table order) and forget them."""
+        host_block_ids, self.host_block_ids = self.host_block_ids, []
+        return host_block_ids
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "

@@ -1,5 +1,5 @@
 """The scheduler: continuous batching with one per-step token budget, chunked prefill mixed with decodes,
-prefix caching and preemption by recompute. Torch-free. The loop has no policy branches: the policy's small
+prefix caching and preemption by recompute or swap. Torch-free. The loop has no policy branches: the policy's small
 objects decide the order (engine/ordering.py), admission by reservation (engine/kv_ledger.py) and victims
 (engine/pressure.py); see engine/policy.py.
 
@@ -8,6 +8,7 @@ One step:
                                        next prefill chunk), preempting the victim selector's choice when KV runs
                                        out; then waiting requests, in the ordering's order, while the token
                                        budget and max_num_seqs allow and the ledger admits them
+                                       (QLM: an urgent request that does not fit evicts lower-class work)
     (a runner executes it)             -> ModelOutput (one sampled token per request that reached its end)
     update(output, model_output)       advance computed tokens, register full blocks in the prefix cache,
                                        append sampled tokens, finish and free -> TokenDeltas
@@ -26,6 +27,7 @@ from engine.policy import SchedulingPolicy
 from engine.protocol import BatchComposition, FinishReason, TokenDelta
 from engine.request import Request, RequestStatus
 from engine.slo import build_slo_table
+from engine.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
         clock: Callable[[], float] = time.monotonic,
+        swap_space: SwapSpace | None = None,
     ) -> None:
         self.config = config
         self.clock = clock  # monotonic seconds; the simulator passes a virtual clock
@@ -57,6 +60,11 @@ class Scheduler:
         self.num_generation_tokens_total = 0
         self.num_steps_total = 0
         self.last_batch = BatchComposition()  # what the last schedule() put in the batch
+        self.swap_space = swap_space or SwapSpace()  # host blocks for swapped-out KV (none: recompute only)
+        self._swap_out: list[tuple[int, int]] = []  # this step's (device, host) copies, then (host, device)
+        self._swap_in: list[tuple[int, int]] = []
+        self._step_start = 0.0
+        self.num_swaps_total = 0
         # Fair orderings account service in KV token-time: they need the pool (again after a KunServe drop).
         self.policy.observer.on_capacity(block_manager.num_blocks * block_manager.block_size, self.clock())
 
@@ -109,7 +117,10 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        self._step_start = self.clock()
         self.ledger.start_step(self.num_steps_total)
+        self.swap_space.start_step()
+        self.policy.slo.tick(self._step_start, self.waiting, self.swap_space.seconds_per_block)
         step = _StepBatch(self.config.max_num_batched_tokens)
         self.running = self.policy.ordering.running_order(self.running)
         self._schedule_running(step)
@@ -117,7 +128,9 @@ class Scheduler:
             self._admit_waiting(step)
         self.last_batch = self._composition(step.scheduled)
         finished_ids, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(step.scheduled, finished_ids, [r.request_id for r in step.preempted])
+        swap_out, swap_in, self._swap_out, self._swap_in = self._swap_out, self._swap_in, [], []
+        preempted_ids = [r.request_id for r in step.preempted]
+        return SchedulerOutput(step.scheduled, finished_ids, preempted_ids, swap_out, swap_in)
 
     def _schedule_running(self, step: _StepBatch) -> None:
         """Running requests first, in the ordering's order: each gets its next chunk (a decode is a chunk of
@@ -142,22 +155,54 @@ class Scheduler:
     def _admit_waiting(self, step: _StepBatch) -> None:
         """Waiting requests in the ordering's order while the budget and max_num_seqs last; the loop stops after
         `admission_window` requests failed to fit (1: head-of-line blocking, as vLLM)."""
-        if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+        is_full = len(self.running) >= self.config.max_num_seqs
+        if step.budget <= 0 or (is_full and not self.policy.slo.urgent_ids):
             return  # nothing can be admitted: do not pay for ordering the queue
         num_failed = 0
         for request in self.policy.ordering.waiting_order(self.waiting):
-            if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if step.budget <= 0:
                 break
-            if self._try_admit(request, step):
+            if len(self.running) < self.config.max_num_seqs and self._try_admit(request, step):
                 continue
+            if self._evict_for(request, step) and self._try_admit(request, step):
+                continue
+            if len(self.running) >= self.config.max_num_seqs:
+                break
             num_failed += 1
             if num_failed >= self.policy.admission_window:
                 break
 
+    def _evict_for(self, request: Request, step: _StepBatch) -> bool:
+        """QLM eviction (DESIGN §4 pressure ladder, rung 4): an urgent request that cannot be admitted takes the
+        KV blocks and the seat of running requests of a lower class (a more relaxed target), chosen by the
+        policy's victim selector, swapped or recomputed (`_preempt`). Nothing is evicted unless the victims
+        together free enough; a victim already in this step's batch leaves it."""
+        if not self.policy.slo.is_urgent(request):
+            return False
+        candidates = [r for r in self.running if r.slo.tightness > request.slo.tightness]
+        num_short = self.block_manager.num_blocks_for(request.num_tokens) - self.block_manager.num_free_blocks
+        num_seats_short = len(self.running) + 1 - self.config.max_num_seqs
+        victims = []
+        while candidates and (num_short > 0 or num_seats_short > 0):
+            victim = self.policy.victims.select_victim(candidates, self.ledger)
+            candidates.remove(victim)
+            victims.append(victim)
+            num_short -= len(victim.block_ids)
+            num_seats_short -= 1
+        if num_short > 0 or num_seats_short > 0:
+            return False
+        for victim in victims:
+            step.remove(victim.request_id)
+            self._preempt(victim)
+            step.preempted.append(victim)
+        logger.info("evicted %d lower-class requests for urgent %s", len(victims), request.request_id)
+        return True
+
     def _try_admit(self, request: Request, step: _StepBatch) -> bool:
         computed_block_ids = self.block_manager.get_computed_blocks(request)
         num_cached = len(computed_block_ids) * self.block_manager.block_size
-        num_new_total = request.num_tokens - num_cached
+        start = max(num_cached, request.num_computed_tokens)  # a swapped-out request keeps its progress
+        num_new_total = request.num_tokens - start
         # The whole remaining prompt must fit in free blocks now (vLLM's scheduler_reserve_full_isl), and the
         # request's reservation in the ledger's plan.
         if not self.block_manager.can_allocate(request, num_new_total, computed_block_ids):
@@ -171,7 +216,11 @@ class Scheduler:
             self.block_manager.record_prefix_lookup(request.num_prompt_tokens, num_cached)
             request.num_cached_tokens = num_cached
             request.mark_scheduled(self.clock())
-        request.num_computed_tokens = num_cached
+        request.num_computed_tokens = start
+        if request.is_swapped:  # its first blocks get the KV back before the forward pass
+            host_block_ids = request.take_host_blocks()
+            self._swap_in.extend(zip(host_block_ids, request.block_ids, strict=False))
+            self.swap_space.release_after_step(host_block_ids)
         request.status = RequestStatus.RUNNING
         self.waiting.remove(request)
         self.running.append(request)
@@ -203,14 +252,30 @@ class Scheduler:
         )
 
     def _preempt(self, request: Request) -> None:
+        """Recompute, or swap the KV to host memory when the policy allows it and the cost model
+        (engine/swap.py) finds it cheaper; either way the request waits again with its tokens kept."""
         self.running.remove(request)
         self.ledger.release(request)
+        num_kv_blocks = self.block_manager.num_blocks_for(request.num_computed_tokens)
+        seconds_per_token = self.policy.slo.meter.seconds_per_prefill_token.value
+        swap = self.policy.swaps and self.swap_space.prefers_swap(
+            num_kv_blocks, request.num_computed_tokens, seconds_per_token
+        )
+        host_block_ids = self.swap_space.allocate(num_kv_blocks) if swap else []
+        self._swap_out.extend(zip(request.block_ids[:num_kv_blocks], host_block_ids, strict=False))
         self.block_manager.free(request)
-        request.preempt()
+        if swap:
+            request.swap_out(host_block_ids)
+        else:
+            request.preempt()
         self.waiting.append(request)
         self.num_preemptions_total += 1
+        self.num_swaps_total += swap
         logger.info(
-            "preempted %s (recompute) after %d output tokens", request.request_id, request.num_output_tokens
+            "preempted %s (%s) after %d output tokens",
+            request.request_id,
+            "swap" if swap else "recompute",
+            request.num_output_tokens,
         )
 
     # ---- update ------------------------------------------------------------------------------------------
@@ -238,6 +303,9 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, reason)
             deltas.append(self._delta(request, [token_id]))
+        step_seconds = self.clock() - self._step_start
+        num_prefill = self.last_batch.num_prefill_tokens
+        self.policy.slo.meter.observe(step_seconds, len(model_output.sampled), num_prefill, output.num_tokens)
         return deltas
 
     @staticmethod
@@ -250,6 +318,7 @@ class Scheduler:
         return new
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
+        self.swap_space.release_after_step(request.take_host_blocks())  # aborted while swapped out
         self.policy.observer.on_finish(request, self.clock())
         self.ledger.release(request)
         self.block_manager.free(request)
@@ -279,6 +348,11 @@ class Scheduler:
         assert len(self.running) <= self.config.max_num_seqs
         assert set(self.requests) == {r.request_id for r in self.running + self.waiting}
         self.ledger.check_invariants(self.running)
+        swapped = [r for r in self.waiting if r.is_swapped]
+        self.swap_space.check_invariants([b for r in swapped for b in r.host_block_ids])
+        bs = self.block_manager.block_size
+        assert all(len(r.host_block_ids) * bs >= r.num_computed_tokens > 0 for r in swapped)
+        assert all(r.num_computed_tokens == 0 for r in self.waiting if not r.is_swapped)
 
 
 class _StepBatch:
@@ -294,3 +368,12 @@ class _StepBatch:
         self.scheduled.append(item)
         self.scheduled_ids.add(item.request_id)
         self.budget -= item.num_tokens
+
+    def remove(self, request_id: str) -> None:
+        """Take an evicted request back out of the batch, refunding its tokens (no-op if it is not in it)."""
+        if request_id not in self.scheduled_ids:
+            return
+        item = next(s for s in self.scheduled if s.request_id == request_id)
+        self.scheduled.remove(item)
+        self.scheduled_ids.discard(request_id)
+        self.budget += item.num_tokens

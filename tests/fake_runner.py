@@ -31,19 +31,32 @@ class FakeRunner:
     device = "cpu"
     eos_token_ids = (2,)
 
-    def __init__(self, num_kv_blocks: int, block_size: int, max_model_len: int = 4096) -> None:
+    def __init__(
+        self, num_kv_blocks: int, block_size: int, max_model_len: int = 4096, num_host_blocks: int = 0
+    ) -> None:
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.slots: list[int | None] = [None] * (num_kv_blocks * block_size)
+        self.num_host_blocks = num_host_blocks  # swap space (QLM eviction): host blocks of token slots
+        self.host_slots: list[int | None] = [None] * (num_host_blocks * block_size)
+        self.swap_seconds_per_block = 0.0
         self.forced: dict[str, list[int]] = {}  # request_id -> tokens to emit instead (to test EOS/stop ids)
         self.num_steps = 0
 
     def _slot(self, block_ids: list[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
+    def _copy_block(self, src: list, src_block: int, dst: list, dst_block: int) -> None:
+        bs = self.block_size
+        dst[dst_block * bs : (dst_block + 1) * bs] = src[src_block * bs : (src_block + 1) * bs]
+
     def execute(self, output: SchedulerOutput) -> ModelOutput:
         self.num_steps += 1
+        for device_block, host_block in output.swap_out:  # swap-outs first, as the real runner
+            self._copy_block(self.slots, device_block, self.host_slots, host_block)
+        for host_block, device_block in output.swap_in:
+            self._copy_block(self.host_slots, host_block, self.slots, device_block)
         sampled = {}
         for item in output.scheduled:
             assert item.context_len <= len(item.block_ids) * self.block_size, "block table too short"
