@@ -6,6 +6,7 @@ azure-code  Azure 2023 code trace, extremely bursty, long prompts / short output
 mooncake    Mooncake trace: hash_ids → shared prefix blocks (same id → same tokens), so prefix caching is hit
 agents      agent sessions: each session is an application; its calls are chained (workload_agents.py)
 servegen    ServeGen per-client rates, burstiness and lengths → tenants (workload_servegen.py)
+apps        LLM applications: map-reduce and self-consistency (k ∈ {1,4,16,64}) and agent sessions (workload_apps.py)
 
 Trace token counts are scaled into the model's context (synthetic.LengthFit); the factors go into `info`.
 """
@@ -31,6 +32,7 @@ from loadgen.datasets import (
 from loadgen.plan import DEFAULT_SLO_CLASS, PlannedRequest, Workload
 from loadgen.synthetic import MOONCAKE_BLOCK_TOKENS, PromptMaker, budgets, fit_lengths
 from loadgen.workload_agents import build_agents
+from loadgen.workload_apps import build_apps
 from loadgen.workload_servegen import build_servegen
 
 SHAREGPT_DEFAULT_MAX_TOKENS = 128
@@ -190,6 +192,7 @@ WORKLOADS: dict[str, Callable[[WorkloadConfig], Workload]] = {
     "mooncake": build_mooncake,
     "agents": build_agents,
     "servegen": build_servegen,
+    "apps": build_apps,
 }
 
 

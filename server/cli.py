@@ -175,6 +175,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="fair-share weight per tenant, e.g. tenantA=2,tenantB=1 (unnamed tenants weigh 1)",
     )
     fairness.add_argument(
+        "--app-idle-timeout", type=float, default=5.0, help="s an app stays active after its last request"
+    )
+    fairness.add_argument(
+        "--fair-iteration-s",
+        type=float,
+        default=0.05,
+        help="justitia: seconds per engine step in the fluid reference's rate M / t_iter (a loaded decode step)",
+    )
+    fairness.add_argument(
         "--app-cost-model",
         default="default",
         metavar="PATH",
@@ -226,6 +235,8 @@ def serve(args: argparse.Namespace) -> int:
             ecoserve_lending=not args.no_kv_lending,
             ecoserve_grouping=not args.no_gt_grouping,
             ecoserve_ordering=not args.no_kv_ordering,
+            app_idle_timeout=args.app_idle_timeout,
+            fair_iteration_s=args.fair_iteration_s,
             slo=tuple(args.slo),
         ),
         device=DeviceConfig(
