@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from engine.config import SchedulerConfig
-from engine.cost_model import PRESETS, CostModel
+from engine.cost_model import PRESETS, CostModel, StepShape
 from engine.policy import POLICIES
 from engine.simulator import SimConfig, SimRequest, SimulationResult, simulate
 from loadgen.cli import UsageError, parse_goodput
@@ -91,6 +91,14 @@ def build_replay_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-blocks", type=int, default=0, help="KV pool in blocks (default: the cost model's)")
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument(
+        "--fair-iteration-s",
+        type=float,
+        default=0.0,
+        help="justitia: seconds per step in the fluid reference's rate M / t_iter (default: the cost model's "
+        "step with --max-num-seqs decodes holding the whole pool)",
+    )
+    e.add_argument("--app-idle-timeout", type=float, default=5.0, help="justitia: s an idle app stays active")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048)
     e.add_argument("--max-model-len", type=int, default=0, help="default: the cost model's")
     e.add_argument("--no-prefix-caching", action="store_true")
@@ -293,6 +301,13 @@ def format_sim_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def full_pool_step_s(cost_model: CostModel, args: argparse.Namespace) -> float:
+    """Justitia's t_iter: one step of --max-num-seqs decodes whose contexts fill the KV pool, so that M / t_iter
+    is the KV token-time the simulated engine serves per second when memory is what apps compete for."""
+    num_blocks = args.kv_blocks or cost_model.num_kv_blocks * cost_model.block_size // args.block_size
+    return cost_model.step_seconds(StepShape(0, args.max_num_seqs, num_blocks * args.block_size))
+
+
 def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     slo = parse_goodput(args.goodput)
     try:
@@ -311,6 +326,8 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ecoserve_lending=not args.no_lending,
         ecoserve_grouping=not args.no_grouping,
         ecoserve_ordering=not args.no_ordering,
+        fair_iteration_s=args.fair_iteration_s or full_pool_step_s(cost_model, args),
+        app_idle_timeout=args.app_idle_timeout,
     )
     config = SimConfig(scheduler=scheduler, num_kv_blocks=args.kv_blocks, max_model_len=max_model_len)
     try:
