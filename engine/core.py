@@ -95,6 +95,7 @@ class EngineCore:
             num_cached_free_blocks=blocks.num_cached_free_blocks,
             batch=scheduler.last_batch if scheduler.running else BatchComposition(),
             queues=queue_stats(scheduler.waiting, scheduler.running),
+            extra=kv_extra(scheduler),
         )
 
     def ready_message(self) -> Ready:
@@ -106,6 +107,15 @@ class EngineCore:
             device=self.runner.device,
             policy=self.scheduler.policy.name,
         )
+
+
+def kv_extra(scheduler: Scheduler) -> dict[str, float]:
+    """KV in tokens as E1 reports it: written (computed tokens of running requests) and, under a KV ledger,
+    reserved (EcoServe exact allocation): the gap is what reservations hold back or lend."""
+    extra = {"kv_written_tokens": float(sum(r.num_computed_tokens for r in scheduler.running))}
+    if isinstance(reserved := getattr(scheduler.ledger, "num_reserved_tokens", None), int):
+        extra["kv_reserved_tokens"] = float(reserved)
+    return extra
 
 
 def queue_stats(

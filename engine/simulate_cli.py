@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -82,6 +83,14 @@ def build_replay_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SIGMA",
         help="oracle + noise: tags = true length × exp(N(0, SIGMA²)), seeded by --seed",
+    )
+    w.add_argument(
+        "--rl-coverage",
+        type=float,
+        default=0.5,
+        metavar="Q",
+        help="with --rl-noise: shift rl_q's log-normal factor so a share Q of the tags cover the true length "
+        "(0.9: a calibrated upper quantile, as the predictor's rl_q; 0.5: median-unbiased)",
     )
     e = p.add_argument_group("simulated engine")
     e.add_argument(
@@ -158,7 +167,8 @@ def plan_requests(
     planned = cut_at(list(workload.requests), args.duration)
     requests = [to_sim_request(r, args.rl, keep_ids, args.client_max_tokens) for r in planned]
     if args.rl_noise > 0:
-        requests = with_rl_noise(requests, args.rl_noise, np.random.default_rng((args.seed, RL_NOISE_STREAM)))
+        rng = np.random.default_rng((args.seed, RL_NOISE_STREAM))
+        requests = with_rl_noise(requests, args.rl_noise, rng, args.rl_coverage)
     return workload.name, requests, workload.info
 
 
@@ -196,12 +206,23 @@ def to_sim_request(r: PlannedRequest, rl: str, keep_ids: bool, client_max_tokens
     )
 
 
-def with_rl_noise(requests: list[SimRequest], sigma: float, rng: np.random.Generator) -> list[SimRequest]:
-    """Length tags = true length × a log-normal factor (median 1): a predictor of known spread."""
-    factors = np.exp(rng.normal(0.0, sigma, len(requests))).tolist()
+def with_rl_noise(
+    requests: list[SimRequest], sigma: float, rng: np.random.Generator, coverage: float = 0.5
+) -> list[SimRequest]:
+    """Length tags = true length × a log-normal factor: a predictor of known spread. rl_mean's factor has median
+    1; rl_q's is shifted by Φ⁻¹(coverage)·sigma in log space, so P(rl_q ≥ true length) = coverage, as for a
+    calibrated upper-quantile predictor (coverage 0.5: the same factor as rl_mean)."""
+    if not 0.0 < coverage < 1.0:
+        raise UsageError(f"--rl-coverage must be in (0, 1), got {coverage}")
+    z = rng.normal(0.0, 1.0, len(requests))
+    shift = statistics.NormalDist().inv_cdf(coverage) * sigma
     return [
-        replace(r, rl_mean=max(1.0, r.rl_mean * f), rl_q=max(1.0, r.rl_q * f))
-        for r, f in zip(requests, factors, strict=True)
+        replace(
+            r,
+            rl_mean=max(1.0, r.rl_mean * math.exp(sigma * e)),
+            rl_q=max(1.0, r.rl_q * math.exp(sigma * e + shift)),
+        )
+        for r, e in zip(requests, z.tolist(), strict=True)
     ]
 
 
@@ -355,6 +376,7 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "rl_source": args.rl,
         "rl_noise_sigma": args.rl_noise,
+        "rl_coverage": args.rl_coverage,
         "scheduler_config": scheduler.__dict__,
         "client_max_tokens": args.client_max_tokens or "true length",
         "argv": ["kairos", "simulate", *argv],

@@ -1,4 +1,5 @@
-"""`python -m loadgen run|plan` (also `kairos bench run|plan`): replay a workload against a server, or show its plan.
+"""`python -m loadgen run|plan` (also `kairos bench run|plan`): replay a workload against a server, or show its plan;
+`kairos bench experiment ecoserve ...` runs experiment E1 (loadgen/experiment_ecoserve.py).
 
     python -m loadgen run --base-url http://127.0.0.1:8000 --workload azure-conv --num-requests 50 \
         --time-scale 0.5 --goodput ttft:2000 tpot:100 --json out/azure.json --plot
@@ -254,9 +255,22 @@ def show_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def experiment(argv: list[str]) -> int:
+    """`experiment NAME ...`: one command that regenerates a DESIGN §8 experiment's results."""
+    experiments = {"ecoserve": "loadgen.experiment_ecoserve"}
+    if not argv or argv[0] not in experiments:
+        raise UsageError(f"experiment: choose one of {', '.join(experiments)}")
+    import importlib
+
+    return importlib.import_module(experiments[argv[0]]).main(argv[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+        if argv[:1] == ["experiment"]:
+            return experiment(argv[1:])
+        args = build_parser().parse_args(argv)
         return run(args) if args.command == "run" else show_plan(args)
     except UsageError as e:
         sys.stderr.write(f"loadgen: error: {e}\n")
