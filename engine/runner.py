@@ -1,7 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass and one sampled token per request that needs one.
 
-It owns the weights, the KV pool (sized here from the memory budget) and the per-request seeded generators;
-nothing else survives a step. The scheduler owns block tables: the runner writes K/V wherever block_ids say.
+It owns the weights, the KV pool (sized here from the memory budget), the host swap pool (QLM eviction) and the
+per-request seeded generators; nothing else survives a step. The scheduler owns block tables: the runner writes
+K/V wherever block_ids say, and copies blocks to and from the host pool where swap_out / swap_in say.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ class ModelRunner:
         if self.num_kv_blocks < 1:
             raise ValueError(f"KV budget {kv_bytes} B is smaller than one block ({bytes_per_block} B)")
         self.kv_cache = self.model.allocate_kv_cache(self.num_kv_blocks, block_size)
+        # Host swap pool, [L, 2, num_host_blocks, bs, KVH, D] like the device pool; pinned for async copies on GPU.
+        self.num_host_blocks = device_config.swap_space // bytes_per_block
+        host_shape = list(self.kv_cache.storage.shape)
+        host_shape[2] = self.num_host_blocks
+        is_cuda = self.device.startswith("cuda")
+        self.host_kv = torch.zeros(host_shape, dtype=self.kv_cache.storage.dtype, pin_memory=is_cuda)
+        self.swap_seconds_per_block = self._measure_swap() if self.num_host_blocks else 0.0
         self._generators: dict[str, torch.Generator] = {}
         self._shared_generator = torch.Generator(device=self.device)
         self._shared_generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
@@ -127,6 +135,34 @@ class ModelRunner:
             return cfg.device_memory - weight_bytes - ACTIVATION_RESERVE_BYTES
         return CPU_DEFAULT_KV_BYTES
 
+    # ---- swap (QLM eviction) ---------------------------------------------------------------------------------
+
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy (device block, host block) pairs out, then (host block, device block) pairs in: every layer's K
+        and V of each block, bit for bit. Outs first: a device block freed by a swap-out may take a swap-in."""
+        storage = self.kv_cache.storage  # [L, 2, num_blocks, bs, KVH, D]
+        if swap_out:
+            device_ids, host_ids = (torch.tensor(ids) for ids in zip(*swap_out, strict=True))
+            self.host_kv[:, :, host_ids] = storage[:, :, device_ids.to(storage.device)].cpu()
+        if swap_in:
+            host_ids, device_ids = (torch.tensor(ids) for ids in zip(*swap_in, strict=True))
+            blocks = self.host_kv[:, :, host_ids].to(storage.device, non_blocking=True)
+            storage[:, :, device_ids.to(storage.device)] = blocks
+
+    def _measure_swap(self) -> float:
+        """Seconds to move one block one way, timed on a round trip of up to 16 blocks (the scheduler prices a swap
+        against a recompute with it, engine/swap.py). The pool holds nothing yet, so the copies harm nothing."""
+        n = min(16, self.num_host_blocks, self.num_kv_blocks)
+        pairs = [(i, i) for i in range(n)]
+        self.swap(pairs, [])  # first touch (page faults, allocator) outside the timing
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.swap(pairs, pairs)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) / (2 * n)
+
     # ---- one step ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -135,7 +171,8 @@ class ModelRunner:
         for request_id in out.finished_request_ids:
             # Preempted requests keep their generator: they are recomputed and go on sampling from it.
             self._generators.pop(request_id, None)
-        if out.is_empty:
+        self.swap(out.swap_out, out.swap_in)
+        if not out.scheduled:  # a step may only move KV
             return ModelOutput(sampled={}, elapsed_seconds=time.perf_counter() - t0)
         # Prefill chunks first, then single-token requests (decodes) as one batched attention call.
         prefills = [r for r in out.scheduled if r.num_tokens > 1]

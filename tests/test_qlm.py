@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 from fake_runner import FakeRunner, reference_generate
 
-from engine.config import EngineConfig, SchedulerConfig
+from engine.batch import ScheduledRequest, SchedulerOutput
+from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core import EngineCore, build_scheduler
 from engine.protocol import AddRequest, SamplingParams
 from engine.qlm import QlmMonitor, RwtEstimator, form_groups
@@ -244,3 +246,82 @@ def test_invariants_and_outputs_under_a_seeded_fuzz(policy):
     if policy == "qlm":
         assert core.scheduler.num_swaps_total > 0
     assert core.scheduler.swap_space.num_free_blocks == 24 or policy != "qlm"
+
+
+# ---- swap on the real runner (tiny random Llama) ----------------------------------------------------------------
+
+BLOCK = 4
+BYTES_PER_BLOCK = 2 * 2 * BLOCK * 2 * 16 * 4  # layers x (k, v) x tokens x KV heads x head_dim x fp32
+
+
+def tiny_runner(model_dir: Path, num_blocks: int = 64, num_host_blocks: int = 32):
+    from engine.runner import ModelRunner  # torch behind the import, as in the engine
+
+    device = DeviceConfig(
+        device="cpu",
+        kv_cache_memory=num_blocks * BYTES_PER_BLOCK,
+        swap_space=num_host_blocks * BYTES_PER_BLOCK,
+    )
+    return ModelRunner(ModelConfig(model=str(model_dir)), device, BLOCK)
+
+
+def test_swap_out_and_in_round_trips_kv_bit_exactly(tiny_llama_dir: Path):
+    import torch
+
+    runner = tiny_runner(tiny_llama_dir)
+    assert runner.num_host_blocks == 32 and runner.swap_seconds_per_block > 0
+    prompt = ScheduledRequest("r", list(range(3, 17)), 0, [0, 1, 2, 3], SamplingParams(temperature=0.0), True)
+    runner.execute(SchedulerOutput([prompt]))
+    before = runner.kv_cache.storage[:, :, [0, 1, 2, 3]].clone()
+    assert before.abs().sum() > 0
+    runner.swap([(0, 9), (1, 5), (2, 6), (3, 7)], [])
+    runner.kv_cache.storage[:, :, [0, 1, 2, 3]] = 0.0  # the freed blocks are reused by someone else
+    runner.swap([], [(9, 20), (5, 11), (6, 30), (7, 12)])  # back into other free blocks
+    assert torch.equal(runner.kv_cache.storage[:, :, [20, 11, 30, 12]], before)
+
+
+class ClockedModelRunner:
+    """A real ModelRunner whose steps cost 20 ms of a manual clock, so QLM's ticks are deterministic."""
+
+    def __init__(self, runner, clock: ManualClock) -> None:
+        self.runner, self.clock = runner, clock
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def execute(self, output):
+        self.clock.now += 0.02
+        return self.runner.execute(output)
+
+
+def test_greedy_output_after_evict_by_swap_and_resume_equals_the_unevicted_run(tiny_llama_dir: Path):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt = [(7 * i) % 300 + 3 for i in range(22)]
+
+    def core(policy: str) -> EngineCore:
+        clock = ManualClock()
+        runner = ClockedModelRunner(tiny_runner(tiny_llama_dir), clock)
+        sched = SchedulerConfig(
+            policy=policy, block_size=BLOCK, max_num_seqs=1, slo=("interactive:ttft=0.1",)
+        )
+        return EngineCore(build_scheduler(EngineConfig(scheduler=sched), runner, clock), runner, True)
+
+    alone = core("vllm")
+    alone.add_request(AddRequest("b", prompt, params, 0.0, slo_class="batch"))
+    expected = [t for _ in range(100) for d in alone.step() for t in d.token_ids]
+    assert len(expected) == 40
+
+    evicting = core("qlm")
+    evicting.add_request(AddRequest("b", prompt, params, 0.0, slo_class="batch"))
+    outputs: dict[str, list[int]] = {}
+    for step in range(200):
+        if step == 10:  # "b" has 9 tokens out; the chat's deadline passes while "b" holds the only seat
+            chat = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            evicting.add_request(AddRequest("i", [5, 6, 7], chat, 0.0))
+        for delta in evicting.step():
+            outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
+    scheduler = evicting.scheduler
+    assert scheduler.num_swaps_total == 1 and scheduler.num_preemptions_total == 1
+    assert outputs["b"] == expected
+    assert len(outputs["i"]) == 4
+    assert scheduler.swap_space.num_free_blocks == 32
