@@ -133,8 +133,9 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """The engine right after one step. KV in tokens: `allocated` = used blocks × block size, `written` = Σ
-    computed tokens of running requests, `reserved` = the scheduler's KV ledger, when it has one (else None)."""
+    """The engine right after one step. KV in tokens: `allocated` = used blocks × block size (a shared prefix
+    block once), `written` = Σ computed tokens of running requests (a shared prefix once per request, so it can
+    exceed `allocated`), `reserved` = the scheduler's KV ledger's total, when it has one (else None)."""
 
     end_s: float
     seconds: float
