@@ -95,7 +95,7 @@ class EngineCore:
             num_cached_free_blocks=blocks.num_cached_free_blocks,
             batch=scheduler.last_batch if scheduler.running else BatchComposition(),
             queues=queue_stats(scheduler.waiting, scheduler.running),
-            extra=kv_extra(scheduler),
+            extra=kv_extra(scheduler) | slo_extra(scheduler),
         )
 
     def ready_message(self) -> Ready:
@@ -116,6 +116,11 @@ def kv_extra(scheduler: Scheduler) -> dict[str, float]:
     if isinstance(reserved := getattr(scheduler.ledger, "num_reserved_tokens", None), int):
         extra["kv_reserved_tokens"] = float(reserved)
     return extra
+
+
+def slo_extra(scheduler: Scheduler) -> dict[str, float]:
+    """QLM as reports read it: the policy's violation-check gauges (engine/qlm.py) and swaps so far."""
+    return scheduler.policy.slo.gauges() | {"num_swaps_total": float(scheduler.num_swaps_total)}
 
 
 def queue_stats(

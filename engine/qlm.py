@@ -152,6 +152,8 @@ class SloMonitor(Protocol):
 
     def is_urgent(self, request: Request) -> bool: ...
 
+    def gauges(self) -> dict[str, float]: ...
+
 
 class NoSloMonitor:
     """No violation check (policies without QLM): nothing is ever urgent; the meter still measures."""
@@ -165,6 +167,9 @@ class NoSloMonitor:
 
     def is_urgent(self, request: Request) -> bool:
         return False
+
+    def gauges(self) -> dict[str, float]:
+        return {}
 
 
 class QlmMonitor:
@@ -183,6 +188,19 @@ class QlmMonitor:
 
     def is_urgent(self, request: Request) -> bool:
         return request.request_id in self.urgent_ids
+
+    def gauges(self) -> dict[str, float]:
+        """For EngineStats.extra: urgency now, violations so far, Θ, and the estimator's accuracy over the ring
+        (mean signed and absolute error of estimated minus actual wait, seconds)."""
+        errors = [estimate - actual for estimate, actual in self.estimate_log]
+        return {
+            "qlm_urgent_requests": float(len(self.urgent_ids)),
+            "qlm_violations_total": float(self.num_violations_total),
+            "qlm_tokens_per_s": self.meter.tokens_per_s.value or 0.0,
+            "qlm_rwt_pairs": float(len(errors)),
+            "qlm_rwt_mean_error_s": sum(errors) / len(errors) if errors else 0.0,
+            "qlm_rwt_mean_abs_error_s": sum(map(abs, errors)) / len(errors) if errors else 0.0,
+        }
 
     def tick(self, now: float, waiting: list[Request], swap_seconds_per_block: float) -> None:
         if now - self._last_tick < self.tick_s:

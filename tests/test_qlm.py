@@ -325,3 +325,13 @@ def test_greedy_output_after_evict_by_swap_and_resume_equals_the_unevicted_run(t
     assert outputs["b"] == expected
     assert len(outputs["i"]) == 4
     assert scheduler.swap_space.num_free_blocks == 32
+
+
+def test_engine_stats_report_qlm_gauges_and_estimator_accuracy():
+    _, _, core = run_burst("qlm", num_host_blocks=256)
+    extra = core.stats().extra
+    assert extra["num_swaps_total"] == 3 and extra["qlm_violations_total"] >= 1
+    assert extra["qlm_rwt_pairs"] == len(core.scheduler.policy.slo.estimate_log) == 19
+    assert extra["qlm_tokens_per_s"] > 0
+    assert extra["qlm_rwt_mean_abs_error_s"] >= abs(extra["qlm_rwt_mean_error_s"])
+    assert "qlm_violations_total" not in run_burst("vllm")[2].stats().extra
