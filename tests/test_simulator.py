@@ -225,6 +225,25 @@ def test_rl_noise_is_seeded_log_normal_around_the_truth() -> None:
     assert all(r.rl_mean == r.rl_q and r.num_output_tokens == 200 for r in noisy)
 
 
+def test_cut_at_drops_late_arrivals_and_their_chains_and_reindexes() -> None:
+    from engine.simulate_cli import cut_at
+    from loadgen.plan import PlannedRequest
+
+    def planned(index: int, offset: float, after: int | None = None) -> PlannedRequest:
+        return PlannedRequest(index, offset, (1, 2), 2, 4, True, after=after)
+
+    plan = [
+        planned(0, 0.0),
+        planned(1, 12.0),
+        planned(2, 1.0, after=1),
+        planned(3, 3.0),
+        planned(4, 0.5, after=3),
+    ]
+    kept = cut_at(plan, 10.0)
+    assert [(r.index, r.offset_s, r.after) for r in kept] == [(0, 0.0, None), (1, 3.0, None), (2, 0.5, 1)]
+    assert cut_at(plan, None) == plan
+
+
 # ---- CLI ----------------------------------------------------------------------------------------------------
 
 needs_data = pytest.mark.skipif(not DEFAULT_DATA_DIR.is_dir(), reason="needs ../shared/data")
