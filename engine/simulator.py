@@ -176,12 +176,10 @@ class SimulationResult:
 
 
 def kv_reserved_tokens(scheduler: Scheduler) -> int | None:
-    """Tokens reserved by the scheduler's KV ledger (EcoServe exact allocation), if it exposes one."""
-    ledger = getattr(scheduler, "kv_ledger", None) or getattr(scheduler, "ledger", None)
-    for name in ("num_reserved_tokens", "reserved_tokens"):
-        if ledger is not None and isinstance(value := getattr(ledger, name, None), int):
-            return value
-    return None
+    """Tokens reserved in the scheduler's KV ledger (EcoServe exact allocation, reserve-max); None for policies
+    whose ledger keeps no reservations (vllm)."""
+    value = getattr(scheduler.ledger, "num_reserved_tokens", None)
+    return value if isinstance(value, int) else None
 
 
 def simulate(

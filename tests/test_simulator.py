@@ -141,6 +141,16 @@ def test_client_max_tokens_ends_by_simulated_eos_at_the_true_length() -> None:
     assert len(result.records[0].token_times_s) == 5
 
 
+def test_kv_reserved_is_the_ledgers_total_for_reserving_policies_only() -> None:
+    requests = [SimRequest(i * 0.01, 40, 20, max_tokens=200) for i in range(10)]
+    reserving = simulate(requests, COST, config(num_blocks=400, policy="reserve-max"))
+    assert all(s.kv_reserved_tokens is not None for s in reserving.steps)
+    # reserve-max holds prompt + client max_tokens (40 + 200) for every running request, whatever it has written
+    assert all(s.kv_reserved_tokens == 240 * s.num_running >= s.kv_written_tokens for s in reserving.steps)
+    plain = simulate(requests, COST, config(num_blocks=400, policy="vllm"))
+    assert all(s.kv_reserved_tokens is None for s in plain.steps)
+
+
 def test_two_thousand_requests_replay_in_seconds() -> None:
     rng = np.random.default_rng(3)
     arrivals = np.cumsum(rng.exponential(1 / 40, 2000))
