@@ -10,6 +10,10 @@ RWT of the group at position k (the CLT bound of papers.md §4.4, not the public
 
     W_k = (Σ_{j<k} Σ_{i∈g_j} μ_i  +  z_q · sqrt(Σ_{j<k} Σ_{i∈g_j} σ_i²)) / Θ  +  Σ_{j≤k} swap-in seconds of g_j
 
+    with the running requests' remaining work as a group 0 ahead of everyone: in a continuous-batching engine
+    the queue waits for running work too (QLM's pull model hides it inside vLLM's own queue). A request that can
+    be admitted at once is, whatever its W; W matters only when the engine is full, when running work is ahead.
+
     μ_i     predicted remaining output tokens: rl_mean minus tokens already generated (max_tokens if untagged)
     σ_i     from the predictor's quantile gap: rl_q is the 0.9-quantile (DESIGN §3), so under a normal reading
             rl_q = μ + z_0.9·σ and σ = (rl_q − rl_mean) / 1.2816; untagged requests count σ = 0
@@ -100,11 +104,13 @@ class RwtEstimator:
             raise ValueError(f"RWT quantile must be in [0.5, 1), got {quantile}")
         self.z = NormalDist().inv_cdf(quantile)
 
-    def waits(self, groups: list[RequestGroup], tokens_per_s: float | None) -> list[float]:
-        """Seconds group k waits before it starts: the output tokens of the groups ahead at Θ tokens/s, plus
-        swap-ins up to and including its own. Θ unknown (None): only swap-ins count."""
+    def waits(
+        self, groups: list[RequestGroup], tokens_per_s: float | None, ahead: RequestGroup | None = None
+    ) -> list[float]:
+        """Seconds group k waits before it starts: the output tokens of the groups ahead (and of `ahead`, the
+        running work) at Θ tokens/s, plus swap-ins up to and including its own. Θ unknown (None): only swap-ins."""
         waits = []
-        sum_mu = sum_var = swap_s = 0.0
+        sum_mu, sum_var, swap_s = (ahead.sum_mu, ahead.sum_var, 0.0) if ahead else (0.0, 0.0, 0.0)
         for group in groups:
             swap_s += group.swap_in_s
             tokens = sum_mu + self.z * math.sqrt(sum_var)
@@ -148,7 +154,9 @@ class SloMonitor(Protocol):
     meter: StepMeter
     urgent_ids: set[str] | frozenset[str]  # requests found urgent at the last tick
 
-    def tick(self, now: float, waiting: list[Request], swap_seconds_per_block: float) -> None: ...
+    def tick(
+        self, now: float, waiting: list[Request], running: list[Request], swap_seconds_per_block: float
+    ) -> None: ...
 
     def is_urgent(self, request: Request) -> bool: ...
 
@@ -162,7 +170,9 @@ class NoSloMonitor:
         self.meter = StepMeter()
         self.urgent_ids: frozenset[str] = frozenset()
 
-    def tick(self, now: float, waiting: list[Request], swap_seconds_per_block: float) -> None:
+    def tick(
+        self, now: float, waiting: list[Request], running: list[Request], swap_seconds_per_block: float
+    ) -> None:
         pass
 
     def is_urgent(self, request: Request) -> bool:
@@ -202,25 +212,37 @@ class QlmMonitor:
             "qlm_rwt_mean_abs_error_s": sum(map(abs, errors)) / len(errors) if errors else 0.0,
         }
 
-    def tick(self, now: float, waiting: list[Request], swap_seconds_per_block: float) -> None:
+    def tick(
+        self, now: float, waiting: list[Request], running: list[Request], swap_seconds_per_block: float
+    ) -> None:
         if now - self._last_tick < self.tick_s:
             return
         self._last_tick = now
         self._log_actual_waits()
         queue = form_groups(sorted(waiting, key=lambda r: r.queued_time), self.model, swap_seconds_per_block)
         theta = self.meter.tokens_per_s.value
-        waits = self.estimator.waits(queue, theta)
+        in_flight = RequestGroup(GroupKey(self.model, "running", -1))
+        for request in running:
+            mu, var = length_moments(request)
+            in_flight.sum_mu += mu
+            in_flight.sum_var += var
+        waits = self.estimator.waits(queue, theta, in_flight)
         urgent = [g for g, w in zip(queue, waits, strict=True) if now + w > g.deadline]
         self.num_violations_total += len(urgent)
         self.urgent_ids = {r.request_id for g in urgent for r in g.requests}
         # The order the requests will be served in: urgent groups first, earliest deadline first (papers.md §4.3
-        # "edf" reorder), then the rest FCFS. Log each request's wait estimated on that order at first sight.
+        # "edf" reorder), then the rest FCFS. Log each request's wait estimated on that order at first sight
+        # with Θ measured (before the first step an estimate is a guess, and would only flatter or blame Θ).
+        if theta is None:
+            return
         urgent.sort(key=lambda g: g.deadline)
         final = urgent + [g for g in queue if g.requests[0].request_id not in self.urgent_ids]
-        for group, wait in zip(final, self.estimator.waits(final, theta), strict=True):
+        for group, wait in zip(final, self.estimator.waits(final, theta, in_flight), strict=True):
+            ahead_in_group = 0.0  # a group runs as a unit in QLM; a request's own wait also has its elders
             for r in group.requests:
                 if r.request_id not in self._estimated and r.first_scheduled_time is None:
-                    self._estimated[r.request_id] = (r, now - r.queued_time + wait)
+                    self._estimated[r.request_id] = (r, now - r.queued_time + wait + ahead_in_group / theta)
+                ahead_in_group += length_moments(r)[0]
 
     def _log_actual_waits(self) -> None:
         for request_id, (request, estimate) in list(self._estimated.items()):

@@ -120,7 +120,7 @@ class Scheduler:
         self._step_start = self.clock()
         self.ledger.start_step(self.num_steps_total)
         self.swap_space.start_step()
-        self.policy.slo.tick(self._step_start, self.waiting, self.swap_space.seconds_per_block)
+        self.policy.slo.tick(self._step_start, self.waiting, self.running, self.swap_space.seconds_per_block)
         step = _StepBatch(self.config.max_num_batched_tokens)
         self.running = self.policy.ordering.running_order(self.running)
         self._schedule_running(step)
