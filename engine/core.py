@@ -119,8 +119,12 @@ def kv_extra(scheduler: Scheduler) -> dict[str, float]:
 
 
 def slo_extra(scheduler: Scheduler) -> dict[str, float]:
-    """QLM as reports read it: the policy's violation-check gauges (engine/qlm.py) and swaps so far."""
-    return scheduler.policy.slo.gauges() | {"num_swaps_total": float(scheduler.num_swaps_total)}
+    """QLM as reports read it: the policy's violation-check gauges (engine/qlm.py), and preemptions so far that
+    swapped (vs recomputed) and that were evictions for an urgent request (vs KV pressure)."""
+    return scheduler.policy.slo.gauges() | {
+        "num_swaps_total": float(scheduler.num_swaps_total),
+        "num_evictions_total": float(scheduler.num_evictions_total),
+    }
 
 
 def queue_stats(

@@ -77,6 +77,9 @@ class CostModel:
     block_size: int = 16
     max_model_len: int = 8192
     info: dict[str, Any] = field(default_factory=dict)  # calibration command, machine, date, fit errors
+    # Host swap pool (QLM eviction): KV bytes per token and device<->host bandwidth; 0 = unknown (no swapping).
+    kv_bytes_per_token: int = 0
+    host_bytes_per_s: float = 0.0
 
     def step_seconds(self, shape: StepShape) -> float:
         return (
@@ -86,6 +89,13 @@ class CostModel:
             + self.d_s_per_context_token * shape.sum_context
             + self.e_s_per_prefill_pair * shape.prefill_pairs
         )
+
+    def swap_seconds_per_block(self, block_size: int) -> float | None:
+        """Seconds to copy one KV block one way between device and host (bytes / host bandwidth), as the real
+        runner measures at start-up (engine/runner.py); None when the model knows no bandwidth."""
+        if self.kv_bytes_per_token <= 0 or self.host_bytes_per_s <= 0:
+            return None
+        return self.kv_bytes_per_token * block_size / self.host_bytes_per_s
 
     @property
     def coefficients(self) -> tuple[float, ...]:
@@ -185,6 +195,8 @@ def h100_llama3_8b() -> CostModel:
     that overlaps them perfectly; assuming 100 % of peak underestimates every real kernel. Both are assumptions.
     KV pool: 80 GiB × 0.9 (gpu_memory_utilization) − weights − 512 MiB activations (engine/runner.py's rule)
     = 56.5 GiB → 28,949 blocks of 16 tokens (2 MiB each), 463k tokens.
+    Host swap (QLM eviction): PCIe 5 x16 at ~50 GB/s effective (64 GB/s raw per direction; pinned-memory copies
+    reach ~80 % of it) → one 2 MiB block in 41.9 µs each way. An assumption too.
     """
     params = 8.03e9
     weight_bytes = 2 * params
@@ -201,11 +213,13 @@ def h100_llama3_8b() -> CostModel:
         e_s_per_prefill_pair=4 * 4096 * 32 / bf16_flops,
         name="h100-llama3-8b",
         source="ASSUMPTION: data-sheet roofline (H100 SXM 3.35 TB/s, 989 TFLOP/s bf16; Llama-3-8B bf16), "
-        "not measured; see engine/cost_model.py h100_llama3_8b",
+        "PCIe 5 ~50 GB/s effective host swap; not measured; see engine/cost_model.py h100_llama3_8b",
         num_kv_blocks=int(pool_bytes // (kv_bytes_per_token * block_size)),
         block_size=block_size,
         max_model_len=8192,
         info={"kv_bytes_per_token": kv_bytes_per_token, "weight_bytes": weight_bytes},
+        kv_bytes_per_token=kv_bytes_per_token,
+        host_bytes_per_s=50e9,  # ASSUMPTION: PCIe 5 x16, ~50 GB/s effective
     )
 
 

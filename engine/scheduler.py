@@ -65,6 +65,7 @@ class Scheduler:
         self._swap_in: list[tuple[int, int]] = []
         self._step_start = 0.0
         self.num_swaps_total = 0
+        self.num_evictions_total = 0  # QLM: preemptions of lower-class requests for an urgent one
         # Fair orderings account service in KV token-time: they need the pool (again after a KunServe drop).
         self.policy.observer.on_capacity(block_manager.num_blocks * block_manager.block_size, self.clock())
 
@@ -195,6 +196,7 @@ class Scheduler:
             step.remove(victim.request_id)
             self._preempt(victim)
             step.preempted.append(victim)
+        self.num_evictions_total += len(victims)
         logger.info("evicted %d lower-class requests for urgent %s", len(victims), request.request_id)
         return True
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine.config import SchedulerConfig
+from engine.config import SchedulerConfig, parse_size
 from engine.cost_model import PRESETS, CostModel, StepShape
 from engine.policy import POLICIES
 from engine.simulator import SimConfig, SimRequest, SimulationResult, simulate
@@ -115,6 +115,21 @@ def build_replay_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-lending", action="store_true", help="ecoserve ablation: no KVC pipelining")
     e.add_argument("--no-grouping", action="store_true", help="ecoserve ablation: no GT groups")
     e.add_argument("--no-ordering", action="store_true", help="ecoserve ablation: FCFS order")
+    e.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="NAME:ttft=S,tpot=S,e2e=S",
+        help="SLO class targets, as `kairos serve --slo` (engine/slo.py)",
+    )
+    e.add_argument(
+        "--swap-space",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="host memory for KV swapped out by QLM eviction, as `kairos serve --swap-space` (e.g. 64GiB); "
+        "its copies cost the cost model's host bandwidth; 0 = evict by recompute only",
+    )
     r = p.add_argument_group("report")
     r.add_argument(
         "--goodput", nargs="+", default=[], metavar="METRIC:MS", help="SLOs: ttft:MS tpot:MS e2el:MS"
@@ -292,6 +307,9 @@ def build_sim_report(
     ok = [r for r in results if r.ok]
     report["slo_attainment"] = sum(is_good(r, slo_ms) for r in ok) / len(ok) if slo_ms and ok else None
     report["num_preemptions_total"] = result.num_preemptions_total
+    report["num_swaps_total"] = int(result.extra.get("num_swaps_total", 0))
+    report["num_evictions_total"] = int(result.extra.get("num_evictions_total", 0))
+    report["engine_extra"] = result.extra
     report["num_requests_preempted"] = sum(rec.num_preemptions > 0 for rec in result.records)
     report["mean_jct_s"] = float(np.mean([r.e2e for r in ok])) if ok else None
     report["kv"] = kv_summary(result)
@@ -306,7 +324,8 @@ def format_sim_summary(report: dict[str, Any]) -> str:
     lines = [
         f"SIMULATED with cost model {report['cost_model']} ({report['cost_model_source']}); policy "
         f"{report['policy']}, {report['num_kv_blocks']} KV blocks of {report['block_size']} tokens",
-        f"preemptions {report['num_preemptions_total']} ({report['num_requests_preempted']} requests); "
+        f"preemptions {report['num_preemptions_total']} ({report['num_requests_preempted']} requests; "
+        f"{report['num_swaps_total']} by swap, {report['num_evictions_total']} QLM evictions); "
         f"mean JCT {report['mean_jct_s'] or 0:.3f} s; SLO attainment "
         f"{'-' if report['slo_attainment'] is None else format(report['slo_attainment'], '.1%')}",
         f"KV usage mean {kv.get('mean_usage', 0):.1%} max {kv.get('max_usage', 0):.1%}; tokens allocated "
@@ -329,6 +348,15 @@ def full_pool_step_s(cost_model: CostModel, args: argparse.Namespace) -> float:
     return cost_model.step_seconds(StepShape(0, args.max_num_seqs, num_blocks * args.block_size))
 
 
+def host_blocks(cost_model: CostModel, swap_space_bytes: int, block_size: int) -> int:
+    """--swap-space in KV blocks of the modelled engine (its bytes per token come from the cost model)."""
+    if not swap_space_bytes:
+        return 0
+    if cost_model.kv_bytes_per_token <= 0:
+        raise UsageError(f"--swap-space: cost model {cost_model.name} knows no KV bytes per token")
+    return swap_space_bytes // (cost_model.kv_bytes_per_token * block_size)
+
+
 def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     slo = parse_goodput(args.goodput)
     try:
@@ -349,8 +377,14 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ecoserve_ordering=not args.no_ordering,
         fair_iteration_s=args.fair_iteration_s or full_pool_step_s(cost_model, args),
         app_idle_timeout=args.app_idle_timeout,
+        slo=tuple(args.slo),
     )
-    config = SimConfig(scheduler=scheduler, num_kv_blocks=args.kv_blocks, max_model_len=max_model_len)
+    config = SimConfig(
+        scheduler=scheduler,
+        num_kv_blocks=args.kv_blocks,
+        num_host_blocks=host_blocks(cost_model, args.swap_space, args.block_size),
+        max_model_len=max_model_len,
+    )
     try:
         result = simulate(requests, cost_model, config)
     except ValueError as e:
@@ -379,6 +413,7 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "rl_coverage": args.rl_coverage,
         "scheduler_config": scheduler.__dict__,
         "client_max_tokens": args.client_max_tokens or "true length",
+        "num_host_blocks": config.num_host_blocks,
         "argv": ["kairos", "simulate", *argv],
     }
     report, results = build_sim_report(result, slo, meta)
@@ -390,6 +425,7 @@ def replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ]
         if args.save_steps:
             report["steps"] = [s.__dict__ for s in result.steps]
+        report["rwt_pairs"] = result.rwt_pairs  # QLM's (estimated, actual) waits; empty for other policies
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     return 0 if report["completed"] else 1

@@ -1,7 +1,8 @@
 """The simulator: the real `EngineCore` and scheduler on a virtual clock, with a cost model instead of a model.
 
 `SimulatedRunner.execute` samples a fixed token for every request that needs one and advances the clock by the
-cost model's step time (engine/cost_model.py). `simulate` feeds requests in when the clock passes their arrival
+cost model's step time (engine/cost_model.py), plus the step's KV block copies to and from its host swap pool
+(QLM eviction) at the cost model's host bandwidth, as the real runner copies them before the forward pass. `simulate` feeds requests in when the clock passes their arrival
 (jumping the clock forward when the engine is idle), steps the core, and records per request the arrival, each
 token's time and the preemptions, and per step the KV pool's state. By default requests run with ignore_eos
 and max_tokens = their true output length, so lengths are exact. A request may instead carry a larger client
@@ -52,14 +53,22 @@ class VirtualClock:
 
 
 class SimulatedRunner:
-    """The core's `Runner` with no model: a step costs `cost_model.step_seconds` of virtual time."""
+    """The core's `Runner` with no model: a step costs `cost_model.step_seconds` of virtual time, plus
+    `swap_seconds_per_block` per block swapped out or in. `num_host_blocks` and `swap_seconds_per_block` are what
+    build_scheduler reads to give the scheduler a swap space, as from the real runner (there: measured)."""
 
     model_name = "simulated"
     device = "simulated"
     eos_token_ids = (EOS_TOKEN_ID,)
 
     def __init__(
-        self, cost_model: CostModel, clock: VirtualClock, num_kv_blocks: int, max_model_len: int
+        self,
+        cost_model: CostModel,
+        clock: VirtualClock,
+        num_kv_blocks: int,
+        max_model_len: int,
+        num_host_blocks: int = 0,
+        swap_seconds_per_block: float = 0.0,
     ) -> None:
         self.cost_model = cost_model
         self.clock = clock
@@ -69,10 +78,19 @@ class SimulatedRunner:
         self.num_steps = 0
         self.busy_seconds = 0.0
         self.last_shape = StepShape(0, 0, 0)
+        self.last_seconds = 0.0
+        self.num_host_blocks = num_host_blocks
+        self.swap_seconds_per_block = swap_seconds_per_block  # one block, one direction
+        self.num_blocks_swapped_out = 0
+        self.num_blocks_swapped_in = 0
 
     def execute(self, output: SchedulerOutput) -> ModelOutput:
         self.last_shape = StepShape.of(output)
-        seconds = self.cost_model.step_seconds(self.last_shape)
+        num_copies = len(output.swap_out) + len(output.swap_in)
+        seconds = self.cost_model.step_seconds(self.last_shape) + num_copies * self.swap_seconds_per_block
+        self.num_blocks_swapped_out += len(output.swap_out)
+        self.num_blocks_swapped_in += len(output.swap_in)
+        self.last_seconds = seconds
         self.clock.advance(seconds)
         self.num_steps += 1
         self.busy_seconds += seconds
@@ -151,10 +169,12 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """The simulated engine: the scheduler config it runs, and its KV pool (0: the cost model's)."""
+    """The simulated engine: the scheduler config it runs, its KV pool (0: the cost model's), and its host swap
+    pool in blocks (0: eviction by recompute only; more needs a cost model that knows the host bandwidth)."""
 
     scheduler: SchedulerConfig = SchedulerConfig()
     num_kv_blocks: int = 0
+    num_host_blocks: int = 0
     max_model_len: int = 0
     check_invariants: bool = False  # the scheduler's invariants after every step (tests)
 
@@ -169,6 +189,8 @@ class SimulationResult:
     steps: list[StepRecord]
     num_preemptions_total: int
     wall_seconds: float  # real time the replay took
+    extra: dict[str, float] = field(default_factory=dict)  # EngineStats.extra at the end, + blocks copied
+    rwt_pairs: list[tuple[float, float]] = field(default_factory=list)  # QLM: (estimated, actual) waits, s
 
     @property
     def end_s(self) -> float:
@@ -193,7 +215,17 @@ def simulate(
     if num_blocks <= 0:
         raise ValueError("no KV pool size: the cost model has none; give num_kv_blocks (--kv-blocks)")
     clock = VirtualClock()
-    runner = SimulatedRunner(cost_model, clock, num_blocks, config.max_model_len or cost_model.max_model_len)
+    swap_s = cost_model.swap_seconds_per_block(config.scheduler.block_size)
+    if config.num_host_blocks and swap_s is None:
+        raise ValueError(f"cost model {cost_model.name} knows no host bandwidth: it cannot price a swap pool")
+    runner = SimulatedRunner(
+        cost_model,
+        clock,
+        num_blocks,
+        config.max_model_len or cost_model.max_model_len,
+        config.num_host_blocks,
+        swap_s or 0.0,
+    )
     scheduler = build_scheduler(EngineConfig(scheduler=config.scheduler), runner, clock=clock)
     core = EngineCore(scheduler, runner, config.check_invariants)
     arrivals = _Arrivals(requests)
@@ -238,6 +270,12 @@ def simulate(
         steps=steps,
         num_preemptions_total=scheduler.num_preemptions_total,
         wall_seconds=time.perf_counter() - wall_start,
+        extra=core.stats().extra
+        | {
+            "blocks_swapped_out": runner.num_blocks_swapped_out,
+            "blocks_swapped_in": runner.num_blocks_swapped_in,
+        },
+        rwt_pairs=list(getattr(scheduler.policy.slo, "estimate_log", ())),
     )
 
 
@@ -296,7 +334,7 @@ def _step_record(scheduler: Scheduler, runner: SimulatedRunner, end_s: float) ->
     blocks = scheduler.block_manager
     return StepRecord(
         end_s=end_s,
-        seconds=runner.cost_model.step_seconds(shape),
+        seconds=runner.last_seconds,
         prefill_tokens=shape.prefill_tokens,
         num_decode=shape.num_decode,
         sum_context=shape.sum_context,

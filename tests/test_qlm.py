@@ -339,3 +339,62 @@ def test_engine_stats_report_qlm_gauges_and_estimator_accuracy():
     assert extra["qlm_tokens_per_s"] > 0
     assert extra["qlm_rwt_mean_abs_error_s"] >= abs(extra["qlm_rwt_mean_error_s"])
     assert "qlm_violations_total" not in run_burst("vllm")[2].stats().extra
+
+
+# ---- the simulator's host swap pool ----------------------------------------------------------------------------
+
+
+def _swap_scenario(num_host_blocks: int, host_bytes_per_s: float = 1e9):
+    """A batch request (40 + 60 tokens) fills most of a 26-block pool; an interactive one (40 + 5) arrives at
+    0.35 s, when it no longer fits, with a TTFT target the running work makes it miss: qlm evicts the batch
+    request (by swap when there is a pool and it is cheaper). Steps take ~10 ms, so the 0.1 s tick matters."""
+    from engine.cost_model import CostModel
+    from engine.simulator import SimConfig, SimRequest, simulate
+
+    cost = CostModel(1e-2, 1e-5, 1e-4, 0.0, kv_bytes_per_token=1000, host_bytes_per_s=host_bytes_per_s)
+    requests = [
+        SimRequest(0.0, 40, 60, slo_class="batch", rl_mean=60.0, rl_q=60.0),
+        SimRequest(0.35, 40, 5, slo_class="interactive", rl_mean=5.0, rl_q=5.0),
+    ]
+    scheduler = SchedulerConfig(policy="qlm", block_size=4, slo=("interactive:ttft=0.02",))
+    config = SimConfig(scheduler, num_kv_blocks=26, num_host_blocks=num_host_blocks, check_invariants=True)
+    return cost, simulate(requests, cost, config)
+
+
+def test_simulator_evicts_by_swap_at_the_cost_models_host_bandwidth():
+    from engine.cost_model import StepShape
+
+    cost, result = _swap_scenario(num_host_blocks=32)
+    extra = result.extra
+    assert extra["num_evictions_total"] == 1 and extra["num_swaps_total"] == 1
+    assert [len(r.token_times_s) for r in result.records] == [60, 5]  # exact lengths, nothing lost
+    assert result.records[1].first_token_s < result.records[0].finish_s  # the interactive one went first
+    # The batch prompt was prefilled once: its KV came back from the host, it was not recomputed.
+    assert sum(s.prefill_tokens for s in result.steps) == 40 + 40
+    # It held > 16 blocks when evicted (the interactive prompt's 10 did not fit in 26); all came back.
+    assert extra["blocks_swapped_out"] == extra["blocks_swapped_in"] > 16
+    # Every step took the cost model's time plus its block copies at 4,000 B / 1e9 B/s = 4 µs each.
+    copies = sum(s.seconds for s in result.steps) - sum(
+        cost.step_seconds(StepShape(s.prefill_tokens, s.num_decode, s.sum_context)) for s in result.steps
+    )
+    assert cost.swap_seconds_per_block(4) == pytest.approx(4e-6)
+    assert copies == pytest.approx(2 * extra["blocks_swapped_out"] * 4e-6, rel=1e-6)
+
+
+def test_simulator_recomputes_without_a_host_pool_or_when_the_link_is_slow():
+    for num_host_blocks, bandwidth in ((0, 1e9), (32, 1e3)):  # 1 kB/s: 4 s a block, far dearer than prefill
+        _, result = _swap_scenario(num_host_blocks, bandwidth)
+        assert result.extra["num_evictions_total"] == 1 and result.extra["num_swaps_total"] == 0
+        assert sum(s.prefill_tokens for s in result.steps) > 80  # the evicted prompt was computed again
+        assert result.extra["blocks_swapped_out"] == 0
+        assert [len(r.token_times_s) for r in result.records] == [60, 5]
+
+
+def test_simulator_refuses_a_host_pool_it_cannot_price():
+    from engine.cost_model import CostModel
+    from engine.simulator import SimConfig, SimRequest, simulate
+
+    with pytest.raises(ValueError, match="host bandwidth"):
+        simulate(
+            [SimRequest(0.0, 4, 4)], CostModel(1e-3, 0, 0, 0), SimConfig(num_kv_blocks=8, num_host_blocks=4)
+        )
