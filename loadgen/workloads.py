@@ -7,6 +7,7 @@ mooncake    Mooncake trace: hash_ids → shared prefix blocks (same id → same 
 agents      agent sessions: each session is an application; its calls are chained (workload_agents.py)
 servegen    ServeGen per-client rates, burstiness and lengths → tenants (workload_servegen.py)
 apps        LLM applications: map-reduce and self-consistency (k ∈ {1,4,16,64}) and agent sessions (workload_apps.py)
+mixed-code, mixed-sharegpt   azure-conv as interactive + azure-code or ShareGPT as batch (QLM E2; workload_mixed.py)
 
 Trace token counts are scaled into the model's context (synthetic.LengthFit); the factors go into `info`.
 """
@@ -33,6 +34,7 @@ from loadgen.plan import DEFAULT_SLO_CLASS, PlannedRequest, Workload
 from loadgen.synthetic import MOONCAKE_BLOCK_TOKENS, PromptMaker, budgets, fit_lengths
 from loadgen.workload_agents import build_agents
 from loadgen.workload_apps import build_apps
+from loadgen.workload_mixed import build_mixed_code, build_mixed_sharegpt
 from loadgen.workload_servegen import build_servegen
 
 SHAREGPT_DEFAULT_MAX_TOKENS = 128
@@ -193,6 +195,8 @@ WORKLOADS: dict[str, Callable[[WorkloadConfig], Workload]] = {
     "agents": build_agents,
     "servegen": build_servegen,
     "apps": build_apps,
+    "mixed-code": build_mixed_code,
+    "mixed-sharegpt": build_mixed_sharegpt,
 }
 
 

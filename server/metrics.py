@@ -182,6 +182,27 @@ _ENGINE_SERIES = (
      "prefix_cache_hits_total"),
 )  # fmt: skip
 
+# (family type, name, help, EngineStats.extra key): QLM's figures (engine/qlm.py gauges, engine/core.py slo_extra),
+# present only under a policy that reports them; a family with no key in `extra` has no sample.
+_EXTRA_SERIES = (
+    (GaugeMetricFamily, "kairos:qlm_urgent_requests", "Waiting requests the last QLM violation check found urgent.",
+     "qlm_urgent_requests"),
+    (CounterMetricFamily, "kairos:qlm_violations", "Request groups found urgent (predicted to miss), over all checks.",
+     "qlm_violations_total"),
+    (GaugeMetricFamily, "kairos:qlm_tokens_per_second", "Generated tokens per busy second (the RWT estimator's Θ).",
+     "qlm_tokens_per_s"),
+    (GaugeMetricFamily, "kairos:qlm_rwt_pairs", "Estimated-vs-actual wait pairs in the RWT estimator's ring.",
+     "qlm_rwt_pairs"),
+    (GaugeMetricFamily, "kairos:qlm_rwt_mean_error_seconds",
+     "Mean of estimated minus actual wait over the ring (> 0: the estimator is pessimistic).", "qlm_rwt_mean_error_s"),
+    (GaugeMetricFamily, "kairos:qlm_rwt_mean_abs_error_seconds", "Mean |estimated - actual wait| over the ring.",
+     "qlm_rwt_mean_abs_error_s"),
+    (CounterMetricFamily, "kairos:num_swaps", "Preemptions that swapped KV to host memory (not recomputed).",
+     "num_swaps_total"),
+    (CounterMetricFamily, "kairos:num_evictions", "QLM evictions: lower-class requests preempted for an urgent one.",
+     "num_evictions_total"),
+)  # fmt: skip
+
 
 class EngineStatsCollector(Collector):
     """Engine series, from the last EngineStats the engine pushed (nothing before the first)."""
@@ -204,6 +225,11 @@ class EngineStatsCollector(Collector):
             family = kind(name, doc, labels=["model_name"])
             if stats is not None:
                 family.add_metric([self.model_name], getattr(stats, field))
+            yield family
+        for kind, name, doc, key in _EXTRA_SERIES:
+            family = kind(name, doc, labels=["model_name"])
+            if stats is not None and key in stats.extra:
+                family.add_metric([self.model_name], stats.extra[key])
             yield family
         yield self._kv_blocks(stats)
         yield from self._batch(stats)

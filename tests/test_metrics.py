@@ -163,6 +163,42 @@ def test_engine_series_are_the_last_pushed_stats():
     assert not any("app" in dict(labels) for _, labels in samples)  # app ids stay out of Prometheus
 
 
+def test_qlm_figures_from_engine_stats_extra():
+    """QLM's violation check, estimator accuracy, swaps and evictions (EngineStats.extra) become series; a policy
+    that reports none of them (vllm: no qlm_* keys) leaves those families without samples."""
+    extra = {
+        "qlm_urgent_requests": 2.0,
+        "qlm_violations_total": 9.0,
+        "qlm_tokens_per_s": 812.5,
+        "qlm_rwt_pairs": 40.0,
+        "qlm_rwt_mean_error_s": 0.25,
+        "qlm_rwt_mean_abs_error_s": 0.75,
+        "num_swaps_total": 3.0,
+        "num_evictions_total": 4.0,
+    }
+
+    def stats(extra: dict[str, float]) -> EngineStats:
+        return EngineStats(1.0, 0, 0, 0, 100, 100, 0.0, 0, 0, 0, 0, 0, 0, 0.0, extra=extra)
+
+    fake = FakeClient()
+    fake.latest_stats = stats(extra)
+    samples, _ = asyncio.run(_requests_then_scrape(fake, []))
+    m = {"model_name": "fake"}
+    assert value(samples, "kairos:qlm_urgent_requests", **m) == 2
+    assert value(samples, "kairos:qlm_violations_total", **m) == 9
+    assert value(samples, "kairos:qlm_tokens_per_second", **m) == 812.5
+    assert value(samples, "kairos:qlm_rwt_pairs", **m) == 40
+    assert value(samples, "kairos:qlm_rwt_mean_error_seconds", **m) == 0.25
+    assert value(samples, "kairos:qlm_rwt_mean_abs_error_seconds", **m) == 0.75
+    assert value(samples, "kairos:num_swaps_total", **m) == 3
+    assert value(samples, "kairos:num_evictions_total", **m) == 4
+
+    fake.latest_stats = stats({"num_swaps_total": 0.0, "num_evictions_total": 0.0})
+    samples, _ = asyncio.run(_requests_then_scrape(fake, []))
+    assert not any(name.startswith("kairos:qlm_") for name, _ in samples)
+    assert ("kairos:num_swaps_total", frozenset(m.items())) in samples
+
+
 def test_metrics_is_empty_until_the_engine_is_ready():
     fake = FakeClient()
     fake.ready = None
