@@ -192,6 +192,18 @@ class BlockManager:
         request.block_ids = []
         self._num_registered.pop(request.request_id, None)
 
+    def adopt(self, request: Request) -> None:
+        """Take a reference on each block of a request that arrives with a block table already written in this
+        pool (a KunServe regroup copied its KV here). Its full blocks re-enter the prefix cache on the next
+        cache_full_blocks, as the hash chain is recomputed from its tokens."""
+        for block_id in request.block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+                self._num_cached_free -= block.hash is not None
+            block.ref_count += 1
+        self._num_registered.pop(request.request_id, None)
+
     def reset_prefix_cache(self) -> None:
         for block_id in self.free_queue:
             self.blocks[block_id].hash = None

@@ -167,6 +167,7 @@ def _fields_of_stats(m: EngineStats) -> list:
         m.num_cached_free_blocks,
         [getattr(m.batch, name) for name in _BATCH_FIELDS],
         [[getattr(q, name) for name in _QUEUE_FIELDS] for q in m.queues],
+        m.replica_groups,
     ]
 
 
@@ -184,6 +185,7 @@ def _stats_of(f: list) -> EngineStats:
         num_cached_free_blocks=int(f[15]),
         batch=BatchComposition(**dict(zip(_BATCH_FIELDS, map(int, f[16]), strict=True))),
         queues=[_queue_stat_of(q) for q in f[17]],
+        replica_groups=[[int(i) for i in group] for group in f[18]],
     )
 
 
@@ -193,7 +195,7 @@ _JSON_LAYOUTS: dict[int, tuple[type, int, Callable[[Any], list], Callable[[list]
     TAG_ABORT: (Abort, 1, lambda m: [m.request_ids], lambda f: Abort(request_ids=list(f[0]))),
     TAG_SHUTDOWN: (Shutdown, 1, lambda m: [m.reason], lambda f: Shutdown(reason=f[0])),
     TAG_READY: (Ready, 6, _fields_of_ready, _ready_of),
-    TAG_ENGINE_STATS: (EngineStats, 18, _fields_of_stats, _stats_of),
+    TAG_ENGINE_STATS: (EngineStats, 19, _fields_of_stats, _stats_of),
     TAG_ENGINE_ERROR: (EngineError, 1, lambda m: [m.message], lambda f: EngineError(message=f[0])),
 }
 _JSON_TAG_OF_TYPE = {layout[0]: tag for tag, layout in _JSON_LAYOUTS.items()}

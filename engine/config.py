@@ -65,6 +65,15 @@ class DeviceConfig:
     gpu_memory_utilization: float = 0.9
     num_threads: int = 0  # torch intra-op threads in the engine; 0 = torch's default
     swap_space: int = 0  # bytes of host memory for swapped-out KV (QLM eviction); 0 = evict by recompute only
+    # KunServe (engine/replicas.py, engine/kunserve.py): replicas of the model in the one engine process, one per
+    # device in a comma-separated `device` list, else `replicas` on `device` (each with the budget above); parameter
+    # drop "auto" = on with >= 2 replicas; the memory monitor's thresholds (usage = blocks in use / all blocks).
+    replicas: int = 1
+    param_drop: str = "auto"  # "auto" | "on" | "off"
+    drop_usage: float = 0.95
+    restore_usage: float = 0.5
+    monitor_interval_s: float = 0.1
+    monitor_window: int = 30
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,12 @@ def build_scheduler(
 
 
 def build_engine_core(config: EngineConfig, check_invariants: bool = False) -> EngineCore:
-    """Load the model (this takes seconds) and wire the scheduler to it."""
+    """Load the model (this takes seconds) and wire the scheduler to it. With several replicas (KunServe), the
+    core is a ReplicaEngine (engine/replicas.py) with the same five methods."""
+    if config.device.replicas > 1 or "," in config.device.device:
+        from engine.replicas import build_replica_engine
+
+        return build_replica_engine(config, check_invariants)
     from engine.runner import ModelRunner  # torch lives behind this import
 
     runner = ModelRunner(config.model, config.device, config.scheduler.block_size)

@@ -269,13 +269,15 @@ class PagedLlama:
     @property
     def kv_dtype(self) -> torch.dtype:
         """bf16 with bf16 weights (half the bytes for decode attention to read, twice the tokens), else fp32."""
-        return torch.bfloat16 if self.weights.layers[0].qkv.dtype == torch.bfloat16 else torch.float32
+        # The embedding has the matmul dtype too, and unlike layer 0 it survives a KunServe parameter drop.
+        return torch.bfloat16 if self.weights.embed.dtype == torch.bfloat16 else torch.float32
 
     def allocate_kv_cache(
-        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, num_layers: int = 0
     ) -> KVCache:
+        """num_layers: 0 = every layer; a pipeline stage passes the length of its layer range."""
         return KVCache(
-            self.arch.num_layers,
+            num_layers or self.arch.num_layers,
             num_blocks,
             block_size,
             self.num_kv_heads,
@@ -291,15 +293,28 @@ class PagedLlama:
         return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:  # [R, vocab] fp32 logits
-        w = self.weights
-        h = F.embedding(batch.token_ids, w.embed).to(self.dtype)  # [T, hidden]
-        cos, sin = self.rope(batch.positions)
-        for i, layer in enumerate(w.layers):
-            h = self._layer(h, layer, kv.k[i], kv.v[i], cos, sin, batch)
-        h = rms_norm(h[batch.logits_indices], w.norm, self.arch.rms_norm_eps)
-        return self.linear(h, w.lm_head).float()
+        h = self.embed(batch)
+        h = self.forward_layers(h, batch, kv, range(self.arch.num_layers))
+        return self.logits(h, batch)
 
     __call__ = forward
+
+    # The three phases, callable apart so that a KunServe pipeline (engine/pipeline.py) runs a layer range per
+    # stage: stage 0 embeds, every stage runs its layers on its own KV, the last stage computes logits.
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:  # [T, hidden]
+        return F.embedding(batch.token_ids, self.weights.embed).to(self.dtype)
+
+    def forward_layers(self, h: torch.Tensor, batch: ForwardBatch, kv: KVCache, layers: range) -> torch.Tensor:
+        """Run `layers` (contiguous) over h [T, hidden]; kv holds exactly these layers, kv.k[0] is layers[0]."""
+        cos, sin = self.rope(batch.positions)
+        for j, i in enumerate(layers):
+            h = self._layer(h, self.weights.layers[i], kv.k[j], kv.v[j], cos, sin, batch)
+        return h
+
+    def logits(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:  # [R, vocab] fp32
+        h = rms_norm(h[batch.logits_indices], self.weights.norm, self.arch.rms_norm_eps)
+        return self.linear(h, self.weights.lm_head).float()
 
     def _layer(
         self,

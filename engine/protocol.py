@@ -164,6 +164,9 @@ class EngineStats:
     num_cached_free_blocks: int = 0  # free blocks still holding prefix-cache content (evicted last); ≤ free
     batch: BatchComposition = field(default_factory=BatchComposition)
     queues: list[QueueStat] = field(default_factory=list)  # by (tenant, app, class), largest first, capped
+    # KunServe replica mode (engine/replicas.py): replica ids per group, stage order; [] = one replica. Every group
+    # of one = data-parallel; a longer group = a pipeline over those replicas after a parameter drop.
+    replica_groups: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,12 @@ class ModelRunner:
         ordered = prefills + decodes
         batch = build_forward_batch(prefills, decodes, self.block_size, self.device)
         logits = self.model(batch, self.kv_cache)
+        sampled = self.sample_tokens(logits, ordered)
+        return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
+
+    def sample_tokens(self, logits: torch.Tensor, ordered: list[ScheduledRequest]) -> dict[str, int]:
+        """One token per request of `ordered` (prefills, then decodes) that needs one; logits rows in that order.
+        Also called by a KunServe pipeline (engine/pipeline.py) on its last stage's runner."""
         sampling = [r for r in ordered if r.needs_sample]
         tokens = sample(
             logits,
@@ -187,8 +193,15 @@ class ModelRunner:
             [self._generator(r) for r in sampling],
             self._shared_generator,
         ).tolist()
-        sampled = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
-        return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
+        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+
+    def forget_generators(self, request_ids: list[str] | None = None) -> None:
+        """Drop the generators of `request_ids` (None: all). A KunServe regroup drops all: a request may sample
+        elsewhere, and one that comes back must rebuild its generator (replaying its draws), not resume a stale one."""
+        if request_ids is None:
+            self._generators.clear()
+        for request_id in request_ids or ():
+            self._generators.pop(request_id, None)
 
     def _generator(self, request: ScheduledRequest) -> torch.Generator | None:
         if request.sampling.seed is None or request.sampling.is_greedy:

@@ -101,6 +101,7 @@ FULL_MESSAGES = [
             QueueStat("acme", "agent-7", "batch", num_waiting=2, num_running=1, num_kv_blocks=9),
             QueueStat("ü-tenant", "", "interactive", num_waiting=0, num_running=3, num_kv_blocks=12),
         ],
+        replica_groups=[[0, 1], [2]],
     ),
     EngineError(message="Traceback …\nValueError: boom"),
 ]

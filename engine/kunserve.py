@@ -1,0 +1,114 @@
+"""KunServe's two small decisions (papers.md §2): when to drop or restore parameters, and which replicas merge.
+
+MemoryMonitor   samples KV usage (blocks in use / all blocks) every `interval_s` of the scheduler clock into a
+                `window`-sample ring, and votes as the authors' `FlashBackend.vote_for` does:
+                  drop     usage ≥ drop_usage (95 %)  and  pending blocks ≥ free blocks  (and something is pending)
+                  restore  nothing pending  and  usage ≤ restore_usage (50 %)  and  usage falling over the window
+plan_drop       the greedy plan: start from the current groups, merge the two smallest (a min-heap, O(N log N))
+                until the freed weight bytes cover the pending demand. A group of k replicas keeps one copy of the
+                layers, split into k contiguous ranges (`split_layers`), so each merge frees one copy's layers.
+
+Torch-free; engine/replicas.py acts on both.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    interval_s: float = 0.1  # CHECK_EVENTS_INTERVAL in the authors' coordinator
+    window: int = 30  # samples; "falling" is judged over the whole window
+    drop_usage: float = 0.95  # oom_rate
+    restore_usage: float = 0.5  # valley_rate
+
+
+class MemoryMonitor:
+    def __init__(self, config: MonitorConfig = MonitorConfig()) -> None:
+        self.config = config
+        self._samples: deque[float] = deque(maxlen=config.window)
+        self._next_sample_at = float("-inf")
+
+    @property
+    def usage(self) -> float:
+        """The last sample (0 before the first)."""
+        return self._samples[-1] if self._samples else 0.0
+
+    def observe(self, now: float, num_used_blocks: int, num_total_blocks: int) -> bool:
+        """Take a sample if one is due at `now` (seconds, the scheduler's clock); True if one was taken."""
+        if (
+            now < self._next_sample_at - 1e-9
+        ):  # a clock ticking by exactly interval_s must not skip for rounding
+            return False
+        self._samples.append(num_used_blocks / max(1, num_total_blocks))
+        self._next_sample_at = now + self.config.interval_s
+        return True
+
+    def reset(self) -> None:
+        """Forget the window (after a regroup: the pool changed size, so old samples compare unlike with like,
+        and a drop's sudden fall in usage must not read as "falling" and restore at once)."""
+        self._samples.clear()
+
+    def should_drop(self, num_pending_blocks: int, num_free_blocks: int) -> bool:
+        # The authors vote with pending ≥ free alone; with nothing pending a full pool frees itself by finishing
+        # requests, so a drop would buy memory nobody asked for.
+        return (
+            self.usage >= self.config.drop_usage
+            and num_pending_blocks > 0
+            and num_pending_blocks >= num_free_blocks
+        )
+
+    def should_restore(self, num_pending_requests: int) -> bool:
+        """The sum of per-sample rates over the window telescopes to last - first: negative means falling."""
+        if num_pending_requests or len(self._samples) < self.config.window:
+            return False
+        return self.usage <= self.config.restore_usage and self._samples[-1] - self._samples[0] < 0
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    groups: tuple[
+        tuple[int, ...], ...
+    ]  # replica ids per group after the plan; a group's order is stage order
+    freed_bytes: int  # weight bytes the merges free (one copy of the layers per merge)
+    num_merges: int
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_merges == 0
+
+
+def plan_drop(groups: list[tuple[int, ...]], layer_bytes: int, demand_bytes: int) -> DropPlan:
+    """Merge the two smallest groups until `demand_bytes` are freed or one group is left.
+
+    Merging the smallest keeps the deepest pipeline, and so each request's cooperation cost, as shallow as it
+    can be for the memory freed (papers.md §2.5). Two groups that each hold one full copy of the layers keep one:
+    `layer_bytes` (the replicated decoder layers of one replica) are freed per merge. Ties break on the lowest
+    replica id, so a plan is deterministic."""
+    heap = [(len(g), min(g), tuple(g)) for g in groups]
+    heapq.heapify(heap)
+    freed = merges = 0
+    while freed < demand_bytes and len(heap) >= 2:
+        _, _, small = heapq.heappop(heap)
+        _, _, other = heapq.heappop(heap)
+        merged = tuple(sorted(small + other))
+        heapq.heappush(heap, (len(merged), merged[0], merged))
+        freed += layer_bytes
+        merges += 1
+    return DropPlan(tuple(sorted(g for _, _, g in heap)), freed, merges)
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Contiguous layer ranges, as equal as can be, the longer ones first: 5 layers, 2 stages -> [0:3), [3:5)."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for s in range(num_stages):
+        stop = start + base + (s < extra)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges

@@ -1,0 +1,402 @@
+"""ReplicaEngine: N replicas of one model in the one engine process, data-parallel until KunServe drops parameters.
+
+The engine is a list of groups. A group is one scheduler (its own block manager, ledger, queues) over one KV block
+space, and a runner: a plain ModelRunner for a group of one replica (data-parallel mode, exactly the
+single-replica engine), a PipelineRunner for k ≥ 2 (engine/pipeline.py). New requests go to the least-loaded group.
+
+    data-parallel      [r0: all layers, pool n0]   [r1: all layers, pool n1]
+         │ drop (monitor votes, plan_drop merges)          ▲ restore (monitor votes; the requests fit the DP pools)
+         ▼                                                  │
+    pipeline           [r0: layers 0..L/2, pool P] → [r1: layers L/2..L, pool P]      one block id, both pools
+
+Regroup (drop and restore are the same move): plan where every request of the dissolved groups goes and which
+block it gets there (refuse if it does not fit), copy those blocks' KV (every layer) to host memory, free the old
+pools, drop or reload decoder layers, allocate the new pools, copy the KV back in, and hand the requests to the new
+schedulers with their progress. No running request is preempted or restarted. A stage's pool is sized from its
+replica's memory: its data-parallel KV bytes plus the bytes of the layers it dropped, divided by the bytes a block
+costs for its layers only. So a 2-replica merge grows the pool by (one copy of the layers) // (block bytes).
+
+Memory accounting on CPU: each replica's weights are its own tensors and the budget (--device-memory or
+--kv-cache-memory) is enforced by sizing, as on a GPU; the host copy of the layers (for restore) and the staging of
+KV during a regroup are host memory, which on CPU is the same RAM. Swapped-out requests of a dissolved group are
+recomputed (a pipeline group has no host swap pool), and fair-queuing state restarts with the new scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core import EngineCore, build_scheduler, queue_stats
+from engine.kunserve import MemoryMonitor, MonitorConfig, plan_drop, split_layers
+from engine.model import KVCache
+from engine.pipeline import PipelineRunner, Stage, gather_kv, keep_layers, layer_bytes, scatter_kv
+from engine.protocol import AddRequest, BatchComposition, EngineStats, Ready, TokenDelta
+from engine.request import Request, RequestStatus
+from engine.runner import ModelRunner, pick_device
+from engine.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+_TOTALS = (
+    "num_preemptions_total",
+    "num_prompt_tokens_total",
+    "num_generation_tokens_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "num_steps_total",
+)
+
+
+@dataclass
+class Group:
+    replica_ids: tuple[int, ...]  # stage order
+    stages: list[Stage]
+    core: EngineCore
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """Dispatch key, smaller = less loaded: requests held, then fewer free blocks."""
+        s = self.scheduler
+        return len(s.waiting) + len(s.running), -s.block_manager.num_free_blocks
+
+
+@dataclass
+class _Move:
+    """Where the requests of one dissolved group go in one new group, and their blocks' new ids."""
+
+    running: list[Request]
+    waiting: list[Request]
+    block_map: dict[int, int]  # old block id -> new block id
+
+
+class ReplicaEngine:
+    """EngineCore's interface (add_request, abort, has_work, step, stats, ready_message) over replica groups."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runners: list[ModelRunner],
+        host_layers: list,
+        param_drop: bool,
+        monitor: MemoryMonitor,
+        clock: Callable[[], float] = time.monotonic,
+        check_invariants: bool = False,
+    ) -> None:
+        self.config, self.runners, self.host_layers = config, runners, host_layers
+        self.param_drop, self.monitor, self.clock = param_drop, monitor, clock
+        self.check_invariants = check_invariants
+        arch = runners[0].model.arch
+        self.num_layers = arch.num_layers
+        self.block_size = runners[0].block_size
+        # A block's bytes for one layer (K and V); a stage with m layers pays m times this per block.
+        self.layer_block_bytes = KVCache.bytes_per_block(
+            1, self.block_size, arch.num_kv_heads, arch.head_dim, runners[0].model.kv_dtype
+        )
+        self.layer_bytes = [layer_bytes(layer) for layer in host_layers]
+        self.kv_bytes = [r.num_kv_blocks * self.num_layers * self.layer_block_bytes for r in runners]
+        self.groups = [self._dp_group(i) for i in range(len(runners))]
+        self._pending: list[TokenDelta] = []
+        self._retired = dict.fromkeys(_TOTALS, 0)  # counters of schedulers a regroup replaced
+        self._last_step_seconds = 0.0
+        self.num_drops_total = self.num_restores_total = 0
+        self.freed_weight_bytes = 0  # decoder-layer bytes not resident now (0 in data-parallel mode)
+
+    # ---- the EngineCore interface ------------------------------------------------------------------------
+
+    def add_request(self, msg: AddRequest) -> None:
+        if any(msg.request_id in g.scheduler.requests for g in self.groups):
+            raise ValueError(f"duplicate request id {msg.request_id!r}")
+        group = min(self.groups, key=lambda g: g.load)
+        if (refusal := group.scheduler.add_request(Request.from_message(msg))) is not None:
+            logger.info("refused %s: %s", msg.request_id, refusal.error)
+            self._pending.append(refusal)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for group in self.groups:  # a group ignores ids it does not hold
+            self._pending.extend(group.scheduler.abort(request_ids))
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or any(g.scheduler.has_unfinished for g in self.groups)
+
+    def step(self) -> list[TokenDelta]:
+        """One step of every group with work (one after the other), then the memory monitor's vote."""
+        deltas, self._pending = self._pending, []
+        start = time.perf_counter()
+        for group in self.groups:
+            if group.scheduler.has_unfinished:
+                deltas.extend(group.core.step())
+        self._last_step_seconds = time.perf_counter() - start
+        self._watch_memory()
+        return deltas
+
+    # ---- KunServe ----------------------------------------------------------------------------------------
+
+    @property
+    def is_pipelined(self) -> bool:
+        return any(len(g.replica_ids) > 1 for g in self.groups)
+
+    def _watch_memory(self) -> None:
+        """Sample usage on the scheduler clock; drop or restore on the monitor's vote (engine/kunserve.py)."""
+        blocks = [g.scheduler.block_manager for g in self.groups]
+        num_used, num_total = sum(b.num_used_blocks for b in blocks), sum(b.num_blocks for b in blocks)
+        if not self.monitor.observe(self.clock(), num_used, num_total):
+            return
+        waiting = [r for g in self.groups for r in g.scheduler.waiting]
+        num_pending = sum(
+            blocks[0].num_blocks_for(r.num_tokens) for r in waiting
+        )  # one block size everywhere
+        num_free = num_total - num_used
+        if self.param_drop and self.monitor.should_drop(num_pending, num_free):
+            self.drop((num_pending - num_free) * self.num_layers * self.layer_block_bytes)
+        elif self.is_pipelined and self.monitor.should_restore(len(waiting)):
+            self.restore()
+
+    def drop(self, demand_bytes: int) -> bool:
+        """Merge groups (plan_drop) until `demand_bytes` of weights are freed or one group is left."""
+        plan = plan_drop([g.replica_ids for g in self.groups], sum(self.layer_bytes), demand_bytes)
+        if plan.is_empty or not self.regroup(list(plan.groups)):
+            return False
+        self.num_drops_total += 1
+        logger.info(
+            "KunServe drop: groups %s, %.1f MB of weights freed", plan.groups, self.freed_weight_bytes / 1e6
+        )
+        return True
+
+    def restore(self) -> bool:
+        """Back to one whole model per replica, if every running request fits the data-parallel pools."""
+        if not self.is_pipelined or not self.regroup([(i,) for i in range(len(self.runners))]):
+            return False
+        self.num_restores_total += 1
+        logger.info("KunServe restore: data-parallel again")
+        return True
+
+    def regroup(self, layouts: list[tuple[int, ...]]) -> bool:
+        """Replace the groups whose replica set changes by groups of `layouts` (module docstring). False, with
+        nothing touched, if the requests of the dissolved groups do not fit the new pools."""
+        kept = [g for g in self.groups if g.replica_ids in layouts]
+        old = [g for g in self.groups if g.replica_ids not in layouts]
+        new = [ids for ids in layouts if ids not in {g.replica_ids for g in kept}]
+        capacity = {ids: self._pool_blocks(ids) for ids in new}
+        if not old or (moves := self._plan_moves(old, new, capacity)) is None:
+            return False
+        staged = {  # (old group, new layout) -> host KV of the blocks that move, rows in block_map order
+            key: gather_kv(old[key[0]].stages, list(move.block_map))
+            for key, move in moves.items()
+            if move.block_map
+        }
+        for group in old:
+            self._retire(group)
+        for ids in new:  # weights first: a replica that drops layers frees them before its new pool exists
+            for replica_id, layers in zip(ids, split_layers(self.num_layers, len(ids)), strict=True):
+                keep_layers(self.runners[replica_id], layers, self.host_layers)
+        groups = {ids: self._build_group(ids, capacity[ids]) for ids in new}
+        for (gi, ids), move in moves.items():
+            if move.block_map:
+                scatter_kv(groups[ids].stages, list(move.block_map.values()), staged[gi, ids])
+            self._adopt(groups[ids], move)
+        for runner in self.runners:
+            runner.forget_generators()
+        self.groups = sorted(kept + list(groups.values()), key=lambda g: g.replica_ids)
+        self.freed_weight_bytes = sum(self.layer_bytes) * (len(self.runners) - len(self.groups))
+        self.monitor.reset()
+        return True
+
+    def _pool_blocks(self, ids: tuple[int, ...]) -> int:
+        """Blocks a group of `ids` can hold: every stage must hold every block, for its own layers."""
+        counts = []
+        for replica_id, layers in zip(ids, split_layers(self.num_layers, len(ids)), strict=True):
+            dropped = sum(b for i, b in enumerate(self.layer_bytes) if i not in layers)
+            counts.append((self.kv_bytes[replica_id] + dropped) // (len(layers) * self.layer_block_bytes))
+        return min(counts)
+
+    def _plan_moves(
+        self, old: list[Group], new: list[tuple[int, ...]], capacity: dict[tuple[int, ...], int]
+    ) -> dict[tuple[int, tuple[int, ...]], _Move] | None:
+        """Each request of a dissolved group goes to a new group sharing one of its replicas: running ones, the
+        largest first, where the most blocks are left; waiting ones where the fewest requests are."""
+        moves: dict[tuple[int, tuple[int, ...]], _Move] = {}
+        used = dict.fromkeys(new, 0)
+        count = dict.fromkeys(new, 0)
+        for gi, group in enumerate(old):
+            targets = [ids for ids in new if set(ids) & set(group.replica_ids)]
+            for ids in targets:
+                moves[gi, ids] = _Move([], [], {})
+            for request in sorted(group.scheduler.running, key=lambda r: -len(r.block_ids)):
+                ids = max(targets, key=lambda t: capacity[t] - used[t])
+                move = moves[gi, ids]
+                fresh = [b for b in dict.fromkeys(request.block_ids) if b not in move.block_map]
+                if used[ids] + len(fresh) > capacity[ids]:
+                    logger.info("regroup to %s refused: the running requests do not fit", new)
+                    return None
+                for block_id in fresh:
+                    move.block_map[block_id] = used[ids]
+                    used[ids] += 1
+                move.running.append(request)
+                count[ids] += 1
+            for request in group.scheduler.waiting:
+                ids = min(targets, key=lambda t: count[t])
+                moves[gi, ids].waiting.append(request)
+                count[ids] += 1
+        for (gi, _), move in moves.items():  # keep admission order: the newest running request stays last
+            order = {id(r): i for i, r in enumerate(old[gi].scheduler.running)}
+            move.running.sort(key=lambda r: order[id(r)])
+        return moves
+
+    def _retire(self, group: Group) -> None:
+        """Keep the counters of a scheduler that goes away, and free its KV pools (their content is staged)."""
+        stats = group.core.stats()
+        for name in _TOTALS:
+            self._retired[name] += getattr(stats, name)
+        for stage in group.stages:
+            stage.runner.kv_cache = None
+        group.stages.clear()
+
+    def _build_group(self, ids: tuple[int, ...], num_blocks: int) -> Group:
+        if len(ids) == 1:
+            runner = self.runners[ids[0]]
+            runner.kv_cache = runner.model.allocate_kv_cache(num_blocks, self.block_size)
+            return self._dp_group(ids[0])
+        stages = []
+        for replica_id, layers in zip(ids, split_layers(self.num_layers, len(ids)), strict=True):
+            runner = self.runners[replica_id]
+            runner.kv_cache = runner.model.allocate_kv_cache(
+                num_blocks, self.block_size, num_layers=len(layers)
+            )
+            stages.append(Stage(runner, layers, runner.kv_cache))
+        pipeline = PipelineRunner(stages)
+        core = EngineCore(build_scheduler(self.config, pipeline, self.clock), pipeline, self.check_invariants)
+        return Group(ids, stages, core)
+
+    def _dp_group(self, replica_id: int) -> Group:
+        runner = self.runners[replica_id]
+        core = EngineCore(build_scheduler(self.config, runner, self.clock), runner, self.check_invariants)
+        return Group((replica_id,), [Stage(runner, range(self.num_layers), runner.kv_cache)], core)
+
+    def _adopt(self, group: Group, move: _Move) -> None:
+        """Hand requests to a new scheduler with their progress: running ones with their KV in their new blocks
+        (re-admitted to its ledger), waiting ones as they were, a swapped-out one as a recompute."""
+        scheduler = group.scheduler
+        for request in move.running:
+            request.block_ids = [move.block_map[b] for b in request.block_ids]
+            scheduler.block_manager.adopt(request)
+            scheduler.requests[request.request_id] = request
+            scheduler.running.append(request)
+            scheduler.ledger.admit(request)
+            scheduler.policy.observer.on_arrival(request, request.queued_time)
+        for request in move.waiting:
+            if request.is_swapped:
+                request.take_host_blocks()
+                request.preempt()
+            scheduler.requests[request.request_id] = request
+            scheduler.waiting.append(request)
+            scheduler.policy.observer.on_arrival(request, request.queued_time)
+
+    # ---- observability -----------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        parts = [g.core.stats() for g in self.groups]
+        waiting = [r for g in self.groups for r in g.scheduler.waiting]
+        running = [r for g in self.groups for r in g.scheduler.running]
+        num_total = sum(p.num_total_blocks for p in parts)
+        num_free = sum(p.num_free_blocks for p in parts)
+        extra: dict[str, float] = {}
+        for part in parts:
+            for key, value in part.extra.items():
+                extra[key] = extra.get(key, 0.0) + value  # counts and token totals add up over groups
+        extra |= {
+            "kunserve_drops_total": float(self.num_drops_total),
+            "kunserve_restores_total": float(self.num_restores_total),
+            "kunserve_freed_weight_bytes": float(self.freed_weight_bytes),
+            "kunserve_monitor_usage": self.monitor.usage,
+        }
+        return EngineStats(
+            timestamp=time.time(),
+            num_running=len(running),
+            num_waiting=len(waiting),
+            num_preempted=sum(1 for r in waiting if r.status == RequestStatus.PREEMPTED),
+            num_free_blocks=num_free,
+            num_total_blocks=num_total,
+            kv_usage=(num_total - num_free) / max(1, num_total),
+            **{name: self._retired[name] + sum(getattr(p, name) for p in parts) for name in _TOTALS},
+            last_step_seconds=self._last_step_seconds,
+            num_cached_free_blocks=sum(p.num_cached_free_blocks for p in parts),
+            batch=BatchComposition(
+                **{
+                    f.name: sum(getattr(p.batch, f.name) for p in parts)
+                    for f in dataclasses.fields(BatchComposition)
+                }
+            ),
+            queues=queue_stats(waiting, running),
+            extra=extra,
+            replica_groups=[list(g.replica_ids) for g in self.groups],
+        )
+
+    def ready_message(self) -> Ready:
+        return Ready(
+            model_name=self.runners[0].model_name,
+            max_model_len=self.runners[0].max_model_len,
+            block_size=self.block_size,
+            num_kv_blocks=sum(g.scheduler.block_manager.num_blocks for g in self.groups),
+            device=",".join(r.device for r in self.runners),
+            policy=self.groups[0].scheduler.policy.name,
+        )
+
+
+def replica_devices(device: str, num_replicas: int) -> list[str]:
+    """'cuda:0,cuda:1' -> one replica per listed device; 'auto' -> cuda:0..N-1 where CUDA is present (untested
+    here: no GPU on the development machine), else N CPU replicas; 'cpu' / 'cuda:i' -> N replicas there."""
+    if "," in device:
+        devices = [d.strip() for d in device.split(",") if d.strip()]
+        if num_replicas > 1 and num_replicas != len(devices):
+            raise ValueError(f"--replicas {num_replicas} but {len(devices)} devices listed")
+        return devices
+    picked = pick_device(device)
+    if picked == "cuda" and num_replicas > 1:
+        if num_replicas > torch.cuda.device_count():
+            raise ValueError(f"--replicas {num_replicas} but {torch.cuda.device_count()} CUDA devices")
+        return [f"cuda:{i}" for i in range(num_replicas)]
+    return [picked] * num_replicas
+
+
+def build_replica_engine(config: EngineConfig, check_invariants: bool = False) -> ReplicaEngine:
+    """Load one ModelRunner per replica (each its own weights and KV pool from its own budget), plus one host
+    copy of the decoder layers that restores reload from."""
+    from engine.model_store import resolve_model
+    from engine.runner import _DTYPES
+
+    dev = config.device
+    devices = replica_devices(dev.device, dev.replicas)
+    runners = []
+    for device in devices:
+        runner = ModelRunner(
+            config.model, dataclasses.replace(dev, device=device), config.scheduler.block_size
+        )
+        runner.warmup()
+        runners.append(runner)
+    host = load_weights(resolve_model(config.model.model), dtype=_DTYPES[config.model.dtype], device="cpu")
+    param_drop = dev.param_drop == "on" or (dev.param_drop == "auto" and len(runners) >= 2)
+    monitor = MemoryMonitor(
+        MonitorConfig(dev.monitor_interval_s, dev.monitor_window, dev.drop_usage, dev.restore_usage)
+    )
+    engine = ReplicaEngine(
+        config, runners, host.layers, param_drop, monitor, check_invariants=check_invariants
+    )
+    logger.info(
+        "%d replicas on %s, %d KV blocks each, parameter drop %s",
+        len(runners),
+        ",".join(devices),
+        runners[0].num_kv_blocks,
+        "on" if param_drop else "off",
+    )
+    return engine

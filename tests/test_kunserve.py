@@ -1,0 +1,212 @@
+"""KunServe on one node (engine/kunserve.py, engine/pipeline.py, engine/replicas.py): two CPU replicas of the tiny
+random Llama. Greedy (and seeded) outputs of requests that straddle a parameter drop and a restore equal those of
+one replica that never regroups; the pool grows by the freed layer bytes // block bytes; invariants hold after every
+step; the monitor's votes and the drop plan's merges on hand-worked cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+
+from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.core import EngineCore, build_scheduler
+from engine.kunserve import MemoryMonitor, MonitorConfig, plan_drop, split_layers
+from engine.model import KVCache
+from engine.protocol import AddRequest, SamplingParams
+from engine.replicas import ReplicaEngine
+from engine.runner import ModelRunner
+from engine.weights import load_weights
+
+BLOCK_SIZE = 4
+BYTES_PER_BLOCK = 2 * 2 * BLOCK_SIZE * 2 * 16 * 4  # layers x (k, v) x tokens x KV heads x head_dim x fp32
+
+
+class StepClock:
+    """The scheduler clock: 0.1 s per engine step, so the monitor samples once per step."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_replicas(
+    model_dir: Path, num_blocks: int, monitor: MonitorConfig | None = None, clock=None, param_drop=True
+) -> ReplicaEngine:
+    device = DeviceConfig(device="cpu", kv_cache_memory=num_blocks * BYTES_PER_BLOCK)
+    config = EngineConfig(
+        model=ModelConfig(model=str(model_dir)),
+        scheduler=SchedulerConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=64),
+        device=device,
+    )
+    runners = [ModelRunner(config.model, device, BLOCK_SIZE) for _ in range(2)]
+    host = load_weights(model_dir)
+    kwargs = {"clock": clock} if clock else {}
+    return ReplicaEngine(
+        config,
+        runners,
+        host.layers,
+        param_drop,
+        MemoryMonitor(monitor or MonitorConfig()),
+        check_invariants=True,
+        **kwargs,
+    )
+
+
+def make_single(model_dir: Path) -> EngineCore:
+    device = DeviceConfig(device="cpu", kv_cache_memory=400 * BYTES_PER_BLOCK)
+    runner = ModelRunner(ModelConfig(model=str(model_dir)), device, BLOCK_SIZE)
+    config = EngineConfig(scheduler=SchedulerConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=64))
+    return EngineCore(build_scheduler(config, runner), runner, check_invariants=True)
+
+
+def requests(prefix: str, num: int, seed: int, max_tokens: int = 40) -> list[AddRequest]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(num):
+        prompt = [rng.randrange(3, 320) for _ in range(rng.randrange(3, 30))]
+        sampling = (
+            SamplingParams(max_tokens=max_tokens, temperature=0.9, seed=100 + i, ignore_eos=True)
+            if i % 3 == 2  # seeded sampling too: a regroup must not disturb a request's random stream
+            else SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        )
+        out.append(AddRequest(f"{prefix}{i}", prompt, sampling, arrival_time=0.0))
+    return out
+
+
+def run(
+    core, waves: dict[int, list[AddRequest]], actions: dict[int, object] | None = None, clock=None
+) -> dict:
+    """Step until idle: add wave k before step k, call actions[k] after step k; collect tokens per request."""
+    actions = actions or {}
+    outputs: dict[str, list[int]] = {}
+    step = 0
+    while step <= max(waves) or core.has_work():
+        for msg in waves.get(step, []):
+            core.add_request(msg)
+        for delta in core.step():
+            outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
+        if clock is not None:
+            clock.now += 0.1
+        if step in actions:
+            actions[step]()
+        step += 1
+        assert step < 2000
+    return outputs
+
+
+def test_outputs_identical_across_drop_and_restore(tiny_llama_dir: Path) -> None:
+    waves = {0: requests("a", 6, seed=1), 12: requests("b", 4, seed=2, max_tokens=20)}
+    expected = run(make_single(tiny_llama_dir), waves)
+
+    engine = make_replicas(tiny_llama_dir, num_blocks=80, param_drop=False)
+    seen: dict[str, object] = {}
+
+    def drop() -> None:
+        blocks = [g.scheduler.block_manager for g in engine.groups]
+        num_free, num_total = sum(b.num_free_blocks for b in blocks), sum(b.num_blocks for b in blocks)
+        running = {r.request_id for g in engine.groups for r in g.scheduler.running}
+        assert len(running) >= 4 and engine.drop(demand_bytes=1)
+        (group,) = engine.groups
+        assert group.replica_ids == (0, 1) and engine.stats().replica_groups == [[0, 1]]
+        freed = sum(engine.layer_bytes)  # one copy of the decoder layers
+        assert engine.freed_weight_bytes == freed
+        bm = group.scheduler.block_manager
+        assert bm.num_blocks - num_total == freed // BYTES_PER_BLOCK > 0
+        assert bm.num_free_blocks - num_free == freed // BYTES_PER_BLOCK
+        assert {r.request_id for r in group.scheduler.running} == running  # nobody preempted or restarted
+        # Each replica holds only its own layer, and a pool with that layer's KV only.
+        assert [sum(layer is not None for layer in r.model.weights.layers) for r in engine.runners] == [1, 1]
+        assert [s.kv.storage.shape[0] for s in group.stages] == [1, 1]
+        seen["drop"] = running
+
+    def restore() -> None:
+        running = {r.request_id for g in engine.groups for r in g.scheduler.running}
+        assert running & seen["drop"], "no request straddles both transitions"
+        assert engine.restore()
+        assert [g.replica_ids for g in engine.groups] == [(0,), (1,)]
+        assert engine.stats().replica_groups == [[0], [1]]
+        assert {r.request_id for g in engine.groups for r in g.scheduler.running} == running
+        assert all(len(r.model.weights.layers) == 2 and all(r.model.weights.layers) for r in engine.runners)
+        assert [g.scheduler.block_manager.num_blocks for g in engine.groups] == [80, 80]
+
+    got = run(engine, waves, {6: drop, 20: restore})
+    assert got == expected
+    assert engine.num_drops_total == engine.num_restores_total == 1
+    assert all(g.scheduler.block_manager.num_free_blocks == 80 for g in engine.groups)
+
+
+def test_monitor_drops_under_a_burst_and_restores_after(tiny_llama_dir: Path) -> None:
+    """Small pools and a burst: usage reaches 95 % with requests pending, the monitor drops; once the burst has
+    drained and usage falls, it restores. Outputs still equal the single-replica run."""
+    waves = {0: requests("a", 8, seed=3, max_tokens=48), 4: requests("b", 8, seed=4, max_tokens=30)}
+    expected = run(make_single(tiny_llama_dir), waves)
+    clock = StepClock()
+    engine = make_replicas(tiny_llama_dir, num_blocks=40, monitor=MonitorConfig(window=5), clock=clock)
+    modes: list[int] = []
+    got = run(engine, waves, {i: lambda: modes.append(len(engine.groups)) for i in range(2000)}, clock)
+    assert got == expected
+    assert engine.num_drops_total >= 1 and engine.num_restores_total >= 1
+    assert 1 in modes and modes[-1] == 2  # pipelined at some point, data-parallel at the end
+
+
+def test_drop_plan_merges_the_smallest_groups() -> None:
+    w = 100  # one copy of the layers
+    assert plan_drop([(0,), (1,), (2,), (3,)], w, 0).is_empty
+    one = plan_drop([(0,), (1,), (2,), (3,)], w, 1)
+    assert one.groups == ((0, 1), (2,), (3,)) and one.freed_bytes == w
+    two = plan_drop([(0,), (1,), (2,), (3,)], w, 150)
+    assert two.groups == ((0, 1), (2, 3)) and two.freed_bytes == 2 * w
+    assert plan_drop([(0,), (1,), (2,), (3,)], w, 10 * w).groups == ((0, 1, 2, 3),)  # capped: one group left
+    # An existing pair is not deepened while two singles can merge.
+    assert plan_drop([(0, 1), (2,), (3,)], w, 1).groups == ((0, 1), (2, 3))
+    assert plan_drop([(0, 1), (2, 3), (4,)], w, 1).groups == ((0, 1, 4), (2, 3))
+    assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_layers(4, 4) == [range(i, i + 1) for i in range(4)]
+    with pytest.raises(ValueError):
+        split_layers(2, 3)
+
+
+def test_monitor_votes() -> None:
+    m = MemoryMonitor(MonitorConfig(interval_s=0.1, window=3, drop_usage=0.95, restore_usage=0.5))
+    assert m.observe(0.0, 96, 100) and not m.observe(0.05, 10, 100)  # one sample per interval
+    assert m.usage == 0.96
+    assert m.should_drop(num_pending_blocks=4, num_free_blocks=4)
+    assert not m.should_drop(num_pending_blocks=3, num_free_blocks=4)  # the free blocks cover the queue
+    assert not m.should_drop(num_pending_blocks=0, num_free_blocks=0)  # nothing pending
+    m.observe(0.1, 94, 100)
+    assert not m.should_drop(num_pending_blocks=10, num_free_blocks=6)  # under 95 %
+    m.reset()
+    for t, used in ((0.0, 50), (0.1, 45), (0.2, 40)):
+        assert not m.should_restore(0)  # fewer samples than the window
+        m.observe(t + 1, used, 100)
+    assert m.should_restore(0)
+    assert not m.should_restore(num_pending_requests=1)
+    m.observe(2.0, 45, 100)  # window 45, 40, 45: not falling
+    assert not m.should_restore(0)
+    m.reset()
+    for t, used in ((0.0, 70), (0.1, 60), (0.2, 55)):  # falling but above 50 %
+        m.observe(t + 3, used, 100)
+    assert not m.should_restore(0)
+
+
+def test_block_bytes_match_the_layout(tiny_llama_dir: Path) -> None:
+    """The test's BYTES_PER_BLOCK is the runner's: the growth assertion above compares like with like."""
+    runner = ModelRunner(
+        ModelConfig(model=str(tiny_llama_dir)),
+        DeviceConfig(device="cpu", kv_cache_memory=8 * BYTES_PER_BLOCK),
+        BLOCK_SIZE,
+    )
+    arch = runner.model.arch
+    assert (
+        KVCache.bytes_per_block(
+            arch.num_layers, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim, runner.model.kv_dtype
+        )
+        == BYTES_PER_BLOCK
+    )
+    assert runner.num_kv_blocks == 8
+    assert dataclasses.is_dataclass(runner.model.weights)
