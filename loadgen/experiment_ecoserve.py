@@ -111,8 +111,8 @@ class SimSetup:
 
     rates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "sharegpt": (12.0, 16.0, 20.0, 24.0, 28.0, 32.0),
-            "azure-conv": (12.0, 16.0, 20.0, 24.0, 28.0, 32.0),
+            "sharegpt": (16.0, 20.0, 22.0, 24.0, 26.0, 28.0, 32.0),
+            "azure-conv": (4.0, 6.0, 8.0, 10.0, 12.0, 14.0),
         }
     )
     variants: tuple[str, ...] = tuple(VARIANTS)
@@ -133,7 +133,7 @@ class RealSetup:
     SmolLM2 stores 30 layers × 3 KV heads × 64 dims × 2 × 4 bytes = 45 KiB per token: 40 MiB is 56 blocks of 16
     tokens (896 tokens), about four ShareGPT requests' worth at these lengths."""
 
-    rates: tuple[float, ...] = (0.3, 0.6)
+    rates: tuple[float, ...] = (0.3, 0.6, 1.0)
     variants: tuple[str, ...] = ("vllm", "reserve-max", "ecoserve")
     workload: str = "sharegpt"
     num_requests: int = 30
