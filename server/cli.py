@@ -111,7 +111,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     device = parser.add_argument_group("device and memory")
     device.add_argument(
-        "--devices", default="auto", help="'auto' (cuda if present, else cpu), 'cpu', 'cuda' or 'cuda:N'"
+        "--devices",
+        default="auto",
+        help="'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:N', or a list 'cuda:0,cuda:1' (one replica "
+        "each; untested: no GPU on the development machine)",
     )
     device.add_argument(
         "--kv-cache-memory",
@@ -138,6 +141,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     device.add_argument(
         "--num-threads", type=int, default=0, help="torch threads in the engine process; 0 = torch's default"
     )
+    kun = parser.add_argument_group("replicas and KunServe parameter drop (DESIGN §5)")
+    kun.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="model replicas in the engine process (CPU: each with its own --device-memory budget); with "
+        "--devices cuda:0,cuda:1 one per listed device",
+    )
+    kun.add_argument(
+        "--param-drop",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="drop replicated layers into pipeline groups under a KV spike; auto = on with >= 2 replicas",
+    )
+    kun.add_argument("--drop-usage", type=float, default=0.95, help="KV usage that (with pending >= free) drops")
+    kun.add_argument("--restore-usage", type=float, default=0.5, help="KV usage under which (falling) restores")
 
     predictor = parser.add_argument_group("response-length predictor")
     predictor.add_argument(
@@ -246,6 +265,10 @@ def serve(args: argparse.Namespace) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_threads=args.num_threads,
             swap_space=args.swap_space,
+            replicas=args.replicas,
+            param_drop=args.param_drop,
+            drop_usage=args.drop_usage,
+            restore_usage=args.restore_usage,
         ),
     )
     server_config = ServerConfig(

@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from engine.protocol import EngineStats
-from server.status import RollingWindow, kv_pool
+from server.status import REPLICA_MODES, RollingWindow, kv_pool, replica_mode
 
 if TYPE_CHECKING:
     from server.generation import Generation
@@ -201,6 +201,12 @@ _EXTRA_SERIES = (
      "num_swaps_total"),
     (CounterMetricFamily, "kairos:num_evictions", "QLM evictions: lower-class requests preempted for an urgent one.",
      "num_evictions_total"),
+    (CounterMetricFamily, "kairos:kunserve_drops", "KunServe parameter drops (replicas merged into pipelines).",
+     "kunserve_drops_total"),
+    (CounterMetricFamily, "kairos:kunserve_restores", "KunServe restores (back to data-parallel replicas).",
+     "kunserve_restores_total"),
+    (GaugeMetricFamily, "kairos:kunserve_freed_weight_bytes", "Decoder-layer bytes dropped now and serving as KV.",
+     "kunserve_freed_weight_bytes"),
 )  # fmt: skip
 
 
@@ -232,6 +238,7 @@ class EngineStatsCollector(Collector):
                 family.add_metric([self.model_name], stats.extra[key])
             yield family
         yield self._kv_blocks(stats)
+        yield from self._replicas(stats)
         yield from self._batch(stats)
         yield from self._queues(stats)
 
@@ -246,6 +253,25 @@ class EngineStatsCollector(Collector):
             for state in ("free", "cached", "used"):
                 family.add_metric([self.model_name, state], pool[state])
         return family
+
+    def _replicas(self, stats: EngineStats | None) -> Iterator[GaugeMetricFamily]:
+        mode = GaugeMetricFamily(
+            "kairos:replica_mode",
+            "1 for the current replica mode (KunServe), 0 for the others.",
+            labels=["model_name", "mode"],
+        )
+        groups = GaugeMetricFamily(
+            "kairos:replica_groups",
+            "Replica groups: one per replica, fewer after a parameter drop.",
+            labels=["model_name"],
+        )
+        if stats is not None:
+            current = replica_mode(stats)
+            for name in REPLICA_MODES:
+                mode.add_metric([self.model_name, name], float(name == current))
+            groups.add_metric([self.model_name], max(1, len(stats.replica_groups)))
+        yield mode
+        yield groups
 
     def _batch(self, stats: EngineStats | None) -> Iterator[GaugeMetricFamily]:
         labels = ["model_name", "phase"]

@@ -173,6 +173,17 @@ def kv_pool(stats: EngineStats) -> dict[str, int]:
     }
 
 
+REPLICA_MODES = ("single", "data_parallel", "pipeline")
+
+
+def replica_mode(stats: EngineStats) -> str:
+    """single: one replica; data_parallel: every group is one replica; pipeline: a group spans several
+    (after a KunServe parameter drop)."""
+    if not stats.replica_groups:
+        return "single"
+    return "pipeline" if any(len(g) > 1 for g in stats.replica_groups) else "data_parallel"
+
+
 def status_body(
     *,
     model_name: str,
@@ -192,6 +203,7 @@ def status_body(
         "engine_info": dataclasses.asdict(ready) if ready else None,
         "engine": None,
         "kv": None,
+        "replicas": None,
         "batch": None,
         "queues": queue_tables(()),
         "summary": {f"{int(w)}s": window.summary(now, w) for w in SUMMARY_WINDOWS_S},
@@ -202,6 +214,7 @@ def status_body(
         engine = {k: v for k, v in dataclasses.asdict(stats).items() if k not in ("queues", "batch")}
         body["engine"] = {**engine, "age_s": max(0.0, now - stats.timestamp)}
         body["kv"] = kv_pool(stats)
+        body["replicas"] = {"mode": replica_mode(stats), "groups": stats.replica_groups}
         body["batch"] = dataclasses.asdict(stats.batch)
         body["queues"] = queue_tables(stats.queues)
     return body

@@ -115,11 +115,21 @@ function sinceStart(values, s) {
 
 // ---- sections -----------------------------------------------------------------------------------------------
 
+function fmtReplicas(r) {
+  // KunServe: "2 · data-parallel", or "2 · pipeline 0+1" after a parameter drop merged replicas 0 and 1.
+  if (!r) return "–";
+  if (r.mode === "single") return "1";
+  const n = r.groups.reduce((a, g) => a + g.length, 0);
+  if (r.mode === "data_parallel") return `${n} · data-parallel`;
+  return `${n} · pipeline ${r.groups.map((g) => g.join("+")).join(", ")}`;
+}
+
 function renderHeader(s) {
   const info = s.engine_info;
   setText("model", s.model);
   setText("device", info ? info.device : "–");
   setText("policy", info ? info.policy : "–");
+  setText("replicas", fmtReplicas(s.replicas));
   setText("kv-geometry", info ? `${fmtInt(info.num_kv_blocks)} × ${info.block_size} tokens` : "–");
   setText("max-model-len", info ? fmtInt(info.max_model_len) : "–");
   setText("uptime", fmtDuration(s.uptime_s));

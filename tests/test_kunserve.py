@@ -15,7 +15,7 @@ from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConf
 from engine.core import EngineCore, build_scheduler
 from engine.kunserve import MemoryMonitor, MonitorConfig, plan_drop, split_layers
 from engine.model import KVCache
-from engine.protocol import AddRequest, SamplingParams
+from engine.protocol import AddRequest, EngineStats, SamplingParams
 from engine.replicas import ReplicaEngine
 from engine.runner import ModelRunner
 from engine.weights import load_weights
@@ -210,3 +210,40 @@ def test_block_bytes_match_the_layout(tiny_llama_dir: Path) -> None:
     )
     assert runner.num_kv_blocks == 8
     assert dataclasses.is_dataclass(runner.model.weights)
+
+
+def test_replica_mode_on_metrics_and_status_page() -> None:
+    """EngineStats.replica_groups -> the kairos:replica_mode gauge and the status body's `replicas` (the page's
+    header line reads it, static/status.js fmtReplicas)."""
+    from server.metrics import EngineStatsCollector
+    from server.status import RollingWindow, status_body
+
+    def families(groups: list[list[int]]) -> dict:
+        stats = EngineStats(1.0, 0, 0, 0, 100, 100, 0.0, 0, 0, 0, 0, 0, 0, 0.0, replica_groups=groups)
+        stats.extra["kunserve_drops_total"] = 1.0
+        collector = EngineStatsCollector("m", lambda: stats, lambda tenant: tenant)
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples
+        }
+        body = status_body(
+            model_name="m",
+            state="ok",
+            ready=None,
+            stats=stats,
+            window=RollingWindow(),
+            now=2.0,
+            started_at=0.0,
+        )
+        return samples, body["replicas"]
+
+    def mode(samples: dict, name: str) -> float:
+        return samples["kairos:replica_mode", (("mode", name), ("model_name", "m"))]
+
+    for groups, current in (([], "single"), ([[0], [1]], "data_parallel"), ([[0, 1]], "pipeline")):
+        samples, replicas = families(groups)
+        assert replicas == {"mode": current, "groups": groups}
+        assert [mode(samples, m) for m in ("single", "data_parallel", "pipeline")] == [
+            float(m == current) for m in ("single", "data_parallel", "pipeline")
+        ]
+        assert samples["kairos:replica_groups", (("model_name", "m"),)] == max(1, len(groups))
+        assert samples["kairos:kunserve_drops_total", (("model_name", "m"),)] == 1.0
