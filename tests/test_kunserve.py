@@ -247,3 +247,29 @@ def test_replica_mode_on_metrics_and_status_page() -> None:
         ]
         assert samples["kairos:replica_groups", (("model_name", "m"),)] == max(1, len(groups))
         assert samples["kairos:kunserve_drops_total", (("model_name", "m"),)] == 1.0
+
+
+def test_build_engine_core_with_two_cpu_replicas(tiny_llama_dir: Path) -> None:
+    """The engine process's factory: --replicas 2 on CPU gives a ReplicaEngine whose replicas have their own
+    weight tensors (a drop must free real memory), and a device list names one replica per device."""
+    from engine.core import build_engine_core
+    from engine.replicas import replica_devices
+
+    config = EngineConfig(
+        model=ModelConfig(model=str(tiny_llama_dir)),
+        scheduler=SchedulerConfig(block_size=BLOCK_SIZE),
+        device=DeviceConfig(device="cpu", kv_cache_memory=32 * BYTES_PER_BLOCK, replicas=2),
+    )
+    engine = build_engine_core(config)
+    assert isinstance(engine, ReplicaEngine) and engine.param_drop
+    a, b = (r.model.weights.layers[0].qkv for r in engine.runners)
+    assert a.data_ptr() != b.data_ptr() and engine.host_layers[0].qkv.data_ptr() not in (
+        a.data_ptr(),
+        b.data_ptr(),
+    )
+    ready = engine.ready_message()
+    assert ready.num_kv_blocks == 64 and ready.device == "cpu,cpu"
+    assert replica_devices("cuda:0,cuda:1", 1) == ["cuda:0", "cuda:1"]
+    assert replica_devices("cpu", 3) == ["cpu"] * 3
+    with pytest.raises(ValueError):
+        replica_devices("cuda:0,cuda:1", 3)
