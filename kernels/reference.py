@@ -18,10 +18,13 @@ import torch
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write k, v [T, num_kv_heads, head_dim] into the caches at slot_mapping [T] (in place)."""
+    """Write k, v [T, num_kv_heads, head_dim] into the caches at slot_mapping [T] (in place). A slot < 0 marks a
+    padding row (a CUDA-graph batch padded to its captured size) and is not written."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping.long()] = k
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping.long()] = v
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[keep].to(v_cache.dtype)
 
 
 def gather_kv(
@@ -55,6 +58,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B]
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
+    """A request with context_len 0 (a padding row) gets zeros: softmax over no keys, summed over no values."""
     out = torch.empty_like(q)
     for r in range(q.shape[0]):
         ctx = int(context_lens[r])
