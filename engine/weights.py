@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from engine.model_store import SYNTHETIC_MARKER
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
@@ -151,6 +153,8 @@ def load_weights(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
     """dtype is the matmul dtype (every projection, the embedding and lm_head); norms and biases stay fp32."""
     model_dir = Path(model_dir)
     arch = read_arch(model_dir)
+    if (marker := model_dir / SYNTHETIC_MARKER).is_file():
+        return random_weights(arch, dtype, device, seed=json.loads(marker.read_text()).get("seed", 0))
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
@@ -197,5 +201,46 @@ def load_weights(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
         logger.warning("%s: %d unused tensors, e.g. %s", model_dir, len(leftover), leftover[:3])
     logger.info(
         "loaded %s: %d layers, %.1f MB %s", model_dir.name, arch.num_layers, weights.num_bytes / 1e6, dtype
+    )
+    return weights
+
+
+def random_weights(arch: ModelArch, dtype: torch.dtype, device: str, seed: int = 0) -> ModelWeights:
+    """Seeded random weights at arch's shape, made on the device (an 8B model in seconds, no host copy):
+    N(0, 1/fan_in) matrices keep the residual stream's scale through the layers, norms are 1. For measuring
+    speed only (`synthetic:<shape>` models); the tokens they produce mean nothing."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, d = arch.hidden_size, arch.head_dim
+    qkv_rows = (arch.num_heads + 2 * arch.num_kv_heads) * d
+
+    def matrix(rows: int, cols: int) -> torch.Tensor:
+        w = torch.empty(rows, cols, dtype=dtype, device=device)
+        return w.normal_(0.0, cols**-0.5, generator=gen)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.float32, device=device)
+
+    layers = [
+        LayerWeights(
+            input_norm=ones(h),
+            qkv=matrix(qkv_rows, h),
+            qkv_bias=None,
+            o_proj=matrix(h, arch.num_heads * d),
+            o_bias=None,
+            post_norm=ones(h),
+            gate_up=matrix(2 * arch.intermediate_size, h),
+            down=matrix(h, arch.intermediate_size),
+        )
+        for _ in range(arch.num_layers)
+    ]
+    embed = matrix(arch.vocab_size, h)
+    lm_head = embed if arch.tie_word_embeddings else matrix(arch.vocab_size, h)
+    weights = ModelWeights(arch=arch, embed=embed, layers=layers, norm=ones(h), lm_head=lm_head)
+    logger.info(
+        "SYNTHETIC random weights: %d layers, %.1f GB %s on %s",
+        arch.num_layers,
+        weights.num_bytes / 1e9,
+        dtype,
+        device,
     )
     return weights
