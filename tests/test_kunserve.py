@@ -35,12 +35,17 @@ class StepClock:
 
 
 def make_replicas(
-    model_dir: Path, num_blocks: int, monitor: MonitorConfig | None = None, clock=None, param_drop=True
+    model_dir: Path,
+    num_blocks: int,
+    monitor: MonitorConfig | None = None,
+    clock=None,
+    param_drop=True,
+    policy: str = "vllm",
 ) -> ReplicaEngine:
     device = DeviceConfig(device="cpu", kv_cache_memory=num_blocks * BYTES_PER_BLOCK)
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir)),
-        scheduler=SchedulerConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=64),
+        scheduler=SchedulerConfig(policy=policy, block_size=BLOCK_SIZE, max_num_batched_tokens=64),
         device=device,
     )
     runners = [ModelRunner(config.model, device, BLOCK_SIZE) for _ in range(2)]
@@ -57,10 +62,12 @@ def make_replicas(
     )
 
 
-def make_single(model_dir: Path) -> EngineCore:
+def make_single(model_dir: Path, policy: str = "vllm") -> EngineCore:
     device = DeviceConfig(device="cpu", kv_cache_memory=400 * BYTES_PER_BLOCK)
     runner = ModelRunner(ModelConfig(model=str(model_dir)), device, BLOCK_SIZE)
-    config = EngineConfig(scheduler=SchedulerConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=64))
+    config = EngineConfig(
+        scheduler=SchedulerConfig(policy=policy, block_size=BLOCK_SIZE, max_num_batched_tokens=64)
+    )
     return EngineCore(build_scheduler(config, runner), runner, check_invariants=True)
 
 
@@ -99,11 +106,13 @@ def run(
     return outputs
 
 
-def test_outputs_identical_across_drop_and_restore(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("policy", ["vllm", "ecoserve", "justitia", "qlm"])
+def test_outputs_identical_across_drop_and_restore(tiny_llama_dir: Path, policy: str) -> None:
+    """Every policy's scheduler state survives a regroup: ledger reservations, fair-queue arrivals, SLO checks."""
     waves = {0: requests("a", 6, seed=1), 12: requests("b", 4, seed=2, max_tokens=20)}
-    expected = run(make_single(tiny_llama_dir), waves)
+    expected = run(make_single(tiny_llama_dir, policy), waves)
 
-    engine = make_replicas(tiny_llama_dir, num_blocks=80, param_drop=False)
+    engine = make_replicas(tiny_llama_dir, num_blocks=80, param_drop=False, policy=policy)
     seen: dict[str, object] = {}
 
     def drop() -> None:
