@@ -332,8 +332,8 @@ def real_point(setup: RealSetup, policy: str, workdir: Path) -> dict[str, Any]:
         "rwt_mean_abs_error_s": extra.get("qlm_rwt_mean_abs_error_s"),
         "loadavg_before": load,
         "workload_info": report["workload_info"],
-        "server_command": "kairos serve " + " ".join(spec.cmd[6:]),
-        "client_command": "kairos bench run " + " ".join(cmd[6:-2]),
+        "server_command": "kairos serve " + " ".join(spec.cmd[7:]),
+        "client_command": "kairos bench run " + " ".join(cmd[7:-2]),
     }
     print(
         f"[real] {policy}: interactive {row['interactive_attainment']:.0%}, batch {row['batch_attainment']:.0%}, "
