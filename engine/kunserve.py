@@ -8,7 +8,10 @@ plan_drop       the greedy plan: start from the current groups, merge the two sm
                 until the freed weight bytes cover the pending demand. A group of k replicas keeps one copy of the
                 layers, split into k contiguous ranges (`split_layers`), so each merge frees one copy's layers.
 
-Torch-free; engine/replicas.py acts on both.
+plan_moves /    where each request of a dissolved group goes in a regroup, and its blocks' ids there; handing
+adopt           them to the new scheduler with their progress (shared by engine/replicas.py and the simulator).
+
+Torch-free; engine/replicas.py acts on all of them, engine/kunserve_sim.py simulates them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
+
+from engine.request import Request
+from engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -112,3 +118,68 @@ def split_layers(num_layers: int, num_stages: int) -> list[range]:
         ranges.append(range(start, stop))
         start = stop
     return ranges
+
+
+@dataclass
+class Move:
+    """Where the requests of one dissolved group go in one new group, and their blocks' new ids."""
+
+    running: list[Request]
+    waiting: list[Request]
+    block_map: dict[int, int]  # old block id -> new block id (the KV exchange copies these)
+
+
+def plan_moves(
+    old: list[tuple[tuple[int, ...], Scheduler]],
+    new: list[tuple[int, ...]],
+    capacity: dict[tuple[int, ...], int],
+) -> dict[tuple[int, tuple[int, ...]], Move] | None:
+    """Each request of a dissolved group (replica ids, scheduler) goes to a new group sharing one of its
+    replicas: running ones, the largest first, where the most blocks are left; waiting ones where the fewest
+    requests are. None if a running request fits nowhere (the regroup is refused, nothing moves)."""
+    moves: dict[tuple[int, tuple[int, ...]], Move] = {}
+    used = dict.fromkeys(new, 0)
+    count = dict.fromkeys(new, 0)
+    for gi, (replica_ids, scheduler) in enumerate(old):
+        targets = [ids for ids in new if set(ids) & set(replica_ids)]
+        for ids in targets:
+            moves[gi, ids] = Move([], [], {})
+        for request in sorted(scheduler.running, key=lambda r: -len(r.block_ids)):
+            ids = max(targets, key=lambda t: capacity[t] - used[t])
+            move = moves[gi, ids]
+            fresh = [b for b in dict.fromkeys(request.block_ids) if b not in move.block_map]
+            if used[ids] + len(fresh) > capacity[ids]:
+                return None
+            for block_id in fresh:
+                move.block_map[block_id] = used[ids]
+                used[ids] += 1
+            move.running.append(request)
+            count[ids] += 1
+        for request in scheduler.waiting:
+            ids = min(targets, key=lambda t: count[t])
+            moves[gi, ids].waiting.append(request)
+            count[ids] += 1
+        order = {id(r): i for i, r in enumerate(scheduler.running)}
+        for ids in targets:  # keep admission order: the newest running request stays last
+            moves[gi, ids].running.sort(key=lambda r: order[id(r)])
+    return moves
+
+
+def adopt(scheduler: Scheduler, move: Move) -> None:
+    """Hand requests to a new scheduler with their progress: running ones with their KV in their new blocks
+    (re-admitted to its ledger), waiting ones as they were, a swapped-out one as a recompute (its host blocks
+    belonged to the dissolved group). Fair-queuing observers see them arrive again."""
+    for request in move.running:
+        request.block_ids = [move.block_map[b] for b in request.block_ids]
+        scheduler.block_manager.adopt(request)
+        scheduler.requests[request.request_id] = request
+        scheduler.running.append(request)
+        scheduler.ledger.admit(request)
+        scheduler.policy.observer.on_arrival(request, request.queued_time)
+    for request in move.waiting:
+        if request.is_swapped:
+            request.take_host_blocks()
+            request.preempt()
+        scheduler.requests[request.request_id] = request
+        scheduler.waiting.append(request)
+        scheduler.policy.observer.on_arrival(request, request.queued_time)

@@ -34,7 +34,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core import EngineCore, build_scheduler, queue_stats
-from engine.kunserve import MemoryMonitor, MonitorConfig, plan_drop, split_layers
+from engine.kunserve import MemoryMonitor, MonitorConfig, adopt, plan_drop, plan_moves, split_layers
 from engine.model import KVCache
 from engine.pipeline import PipelineRunner, Stage, gather_kv, keep_layers, layer_bytes, scatter_kv
 from engine.protocol import AddRequest, BatchComposition, EngineStats, Ready, TokenDelta
@@ -69,15 +69,6 @@ class Group:
         """Dispatch key, smaller = less loaded: requests held, then fewer free blocks."""
         s = self.scheduler
         return len(s.waiting) + len(s.running), -s.block_manager.num_free_blocks
-
-
-@dataclass
-class _Move:
-    """Where the requests of one dissolved group go in one new group, and their blocks' new ids."""
-
-    running: list[Request]
-    waiting: list[Request]
-    block_map: dict[int, int]  # old block id -> new block id
 
 
 class ReplicaEngine:
@@ -188,7 +179,10 @@ class ReplicaEngine:
         old = [g for g in self.groups if g.replica_ids not in layouts]
         new = [ids for ids in layouts if ids not in {g.replica_ids for g in kept}]
         capacity = {ids: self._pool_blocks(ids) for ids in new}
-        if not old or (moves := self._plan_moves(old, new, capacity)) is None:
+        if not old:
+            return False
+        if (moves := plan_moves([(g.replica_ids, g.scheduler) for g in old], new, capacity)) is None:
+            logger.info("regroup to %s refused: the running requests do not fit the new pools", layouts)
             return False
         staged = {  # (old group, new layout) -> host KV of the blocks that move, rows in block_map order
             key: gather_kv(old[key[0]].stages, list(move.block_map))
@@ -204,7 +198,7 @@ class ReplicaEngine:
         for (gi, ids), move in moves.items():
             if move.block_map:
                 scatter_kv(groups[ids].stages, list(move.block_map.values()), staged[gi, ids])
-            self._adopt(groups[ids], move)
+            adopt(groups[ids].scheduler, move)
         for runner in self.runners:
             runner.forget_generators()
         self.groups = sorted(kept + list(groups.values()), key=lambda g: g.replica_ids)
@@ -219,39 +213,6 @@ class ReplicaEngine:
             dropped = sum(b for i, b in enumerate(self.layer_bytes) if i not in layers)
             counts.append((self.kv_bytes[replica_id] + dropped) // (len(layers) * self.layer_block_bytes))
         return min(counts)
-
-    def _plan_moves(
-        self, old: list[Group], new: list[tuple[int, ...]], capacity: dict[tuple[int, ...], int]
-    ) -> dict[tuple[int, tuple[int, ...]], _Move] | None:
-        """Each request of a dissolved group goes to a new group sharing one of its replicas: running ones, the
-        largest first, where the most blocks are left; waiting ones where the fewest requests are."""
-        moves: dict[tuple[int, tuple[int, ...]], _Move] = {}
-        used = dict.fromkeys(new, 0)
-        count = dict.fromkeys(new, 0)
-        for gi, group in enumerate(old):
-            targets = [ids for ids in new if set(ids) & set(group.replica_ids)]
-            for ids in targets:
-                moves[gi, ids] = _Move([], [], {})
-            for request in sorted(group.scheduler.running, key=lambda r: -len(r.block_ids)):
-                ids = max(targets, key=lambda t: capacity[t] - used[t])
-                move = moves[gi, ids]
-                fresh = [b for b in dict.fromkeys(request.block_ids) if b not in move.block_map]
-                if used[ids] + len(fresh) > capacity[ids]:
-                    logger.info("regroup to %s refused: the running requests do not fit", new)
-                    return None
-                for block_id in fresh:
-                    move.block_map[block_id] = used[ids]
-                    used[ids] += 1
-                move.running.append(request)
-                count[ids] += 1
-            for request in group.scheduler.waiting:
-                ids = min(targets, key=lambda t: count[t])
-                moves[gi, ids].waiting.append(request)
-                count[ids] += 1
-        for (gi, _), move in moves.items():  # keep admission order: the newest running request stays last
-            order = {id(r): i for i, r in enumerate(old[gi].scheduler.running)}
-            move.running.sort(key=lambda r: order[id(r)])
-        return moves
 
     def _retire(self, group: Group) -> None:
         """Keep the counters of a scheduler that goes away, and free its KV pools (their content is staged)."""
@@ -282,25 +243,6 @@ class ReplicaEngine:
         runner = self.runners[replica_id]
         core = EngineCore(build_scheduler(self.config, runner, self.clock), runner, self.check_invariants)
         return Group((replica_id,), [Stage(runner, range(self.num_layers), runner.kv_cache)], core)
-
-    def _adopt(self, group: Group, move: _Move) -> None:
-        """Hand requests to a new scheduler with their progress: running ones with their KV in their new blocks
-        (re-admitted to its ledger), waiting ones as they were, a swapped-out one as a recompute."""
-        scheduler = group.scheduler
-        for request in move.running:
-            request.block_ids = [move.block_map[b] for b in request.block_ids]
-            scheduler.block_manager.adopt(request)
-            scheduler.requests[request.request_id] = request
-            scheduler.running.append(request)
-            scheduler.ledger.admit(request)
-            scheduler.policy.observer.on_arrival(request, request.queued_time)
-        for request in move.waiting:
-            if request.is_swapped:
-                request.take_host_blocks()
-                request.preempt()
-            scheduler.requests[request.request_id] = request
-            scheduler.waiting.append(request)
-            scheduler.policy.observer.on_arrival(request, request.queued_time)
 
     # ---- observability -----------------------------------------------------------------------------------
 
