@@ -3,7 +3,8 @@
 embed -> layers (RMSNorm, fused qkv, RoPE, store K/V by slot, paged attention, o_proj, RMSNorm, fused gate_up,
 SiLU*up, down) -> final norm -> lm_head on the rows that need logits. One flat varlen batch per step (engine/batch.py):
 prefill chunks first (attention per request over the cached prefix + causal chunk), then single-token decodes
-(one batched paged-attention call per layer: a C kernel on CPU, torch.compile on CUDA, eager SDPA as the fallback).
+(one batched paged-attention call per layer: a C kernel on CPU, Triton on CUDA, eager SDPA as the fallback).
+On CUDA the "triton" backend also stores K/V and runs prefill attention with kernels/triton_attention.py.
 
 Decode step, SmolLM2-135M, ctx 256, 1 thread, ms (2-vCPU Zen 5, 2026-11-23, neighbours busy; B=1 / 32 / 128):
     fp32  cpu-kernel  26 / 99 / 307     compiled  29 / 160 / 504     eager  28 / 145 / 521
@@ -16,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +28,14 @@ from kernels import cpu_paged_attention
 logger = logging.getLogger(__name__)
 
 
-DECODE_BACKENDS = ("auto", "cpu-kernel", "compiled", "eager")
+DECODE_BACKENDS = ("auto", "cpu-kernel", "triton", "compiled", "eager")
 
 
 def pick_decode_backend(
     requested: str, device: torch.device, kv_dtype: torch.dtype, head_dim: int, group: int
 ) -> str:
-    """auto: the C kernel on CPU (kernels/cpu_paged_attention.py), torch.compile on CUDA, else eager SDPA.
-    KAIROS_DECODE_ATTENTION overrides auto."""
+    """auto: the C kernel on CPU (kernels/cpu_paged_attention.py), Triton on CUDA (kernels/triton_attention.py;
+    torch.compile where triton is missing), else eager SDPA. KAIROS_DECODE_ATTENTION overrides auto."""
     if requested == "auto":
         requested = os.environ.get("KAIROS_DECODE_ATTENTION", "auto")
     if requested not in DECODE_BACKENDS:
@@ -41,8 +43,18 @@ def pick_decode_backend(
     if requested == "auto":
         if device.type == "cpu" and cpu_paged_attention.available(head_dim, group, kv_dtype):
             return "cpu-kernel"
-        return "compiled" if device.type == "cuda" else "eager"
+        if device.type == "cuda":
+            return "triton" if _has_triton() else "compiled"
+        return "eager"
     return requested
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
@@ -64,6 +76,21 @@ class ForwardBatch:
     @property
     def num_prefill_tokens(self) -> int:
         return self.prefill_query_start_loc[-1]
+
+    @cached_property
+    def prefill_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(query_start_loc [P + 1], context_lens [P], block_tables [P, max_blocks], max_query_len) on the batch's
+        device, for the Triton extend kernel; built once per step (not per layer), copied from pinned memory."""
+        device = self.token_ids.device
+        qsl, lens = self.prefill_query_start_loc, self.prefill_context_lens
+
+        def to_device(values: list[int]) -> torch.Tensor:
+            host = torch.tensor(values, dtype=torch.int64)
+            return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+
+        tables = torch.nn.utils.rnn.pad_sequence(self.prefill_block_tables, batch_first=True)
+        max_query_len = max((qsl[i + 1] - qsl[i] for i in range(len(lens))), default=0)
+        return to_device(qsl), to_device(lens), tables, max_query_len
 
 
 class KVCache:
@@ -192,6 +219,35 @@ def prefill_attention(
     return out
 
 
+def prefill_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """prefill_attention as one varlen Triton launch over the paged cache (which already holds this step's K/V,
+    so k and v are unused)."""
+    from kernels import triton_attention
+
+    qsl, context_lens, block_tables, max_query_len = batch.prefill_tensors
+    return triton_attention.paged_extend_attention(
+        q, k_cache, v_cache, block_tables, qsl, context_lens, scale, max_query_len
+    )
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """K/V rows into their slots. [N * block_size, KVH, D] views: row index == slot. index_copy_ is a row memcpy;
+    index_put_ is not."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
 # ---- the model -----------------------------------------------------------------------------------------------
 
 
@@ -241,7 +297,15 @@ class PagedLlama:
         )
         self._matmul = pick_matmul(self.device)
         self._decode_attention: Callable[..., torch.Tensor] = decode_attention_eager
-        if self.decode_backend == "cpu-kernel":
+        self._prefill_attention: Callable[..., torch.Tensor] = prefill_attention
+        self._store_kv: Callable[..., None] = store_kv
+        if self.decode_backend == "triton":
+            from kernels import triton_attention  # imports triton: only where it is used
+
+            self._decode_attention = triton_attention.paged_decode_attention
+            self._prefill_attention = prefill_attention_triton
+            self._store_kv = triton_attention.store_kv
+        elif self.decode_backend == "cpu-kernel":
             self._decode_attention = cpu_paged_attention.paged_decode_attention
         elif self.decode_backend == "compiled":
             # Default torch.compile (automatic dynamic), NOT dynamic=True: that also makes head_dim and KVH
@@ -334,13 +398,11 @@ class PagedLlama:
         q, k, v = q.view(num_tokens, nh, d), k.view(num_tokens, nkv, d), v.view(num_tokens, nkv, d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # [N * block_size, KVH, D] views: row index == slot. index_copy_ is a row memcpy; index_put_ is not.
-        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        self._store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
 
         p = batch.num_prefill_tokens
         if p == num_tokens:
-            attn = prefill_attention(q, k, v, k_cache, v_cache, batch, self.scale)
+            attn = self._prefill_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         elif p == 0:
             attn = self._decode_attention(
                 q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale
@@ -348,7 +410,7 @@ class PagedLlama:
         else:
             attn = torch.cat(
                 [
-                    prefill_attention(q[:p], k[:p], v[:p], k_cache, v_cache, batch, self.scale),
+                    self._prefill_attention(q[:p], k[:p], v[:p], k_cache, v_cache, batch, self.scale),
                     self._decode_attention(
                         q[p:],
                         k_cache,

@@ -16,6 +16,7 @@ import torch
 
 from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
 from engine.config import DeviceConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.model import ForwardBatch, KVCache, PagedLlama
 from engine.model_store import resolve_model
 from engine.protocol import SamplingParams
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
 CPU_DEFAULT_KV_BYTES = 2 * 2**30  # without --kv-cache-memory / --device-memory, at most 2 GiB of KV on CPU
+MAX_GRAPH_BATCH_SIZE = 256  # decode CUDA graphs up to this batch (SchedulerConfig.max_num_seqs' default)
 ACTIVATION_RESERVE_BYTES = 512 * 2**20  # kept out of a device-memory budget for activations and logits
 _DTYPES = {
     "float32": torch.float32,
@@ -72,8 +74,10 @@ class ModelRunner:
         device_config: DeviceConfig,
         block_size: int,
         decode_backend: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
-        """decode_backend: one of engine.model.DECODE_BACKENDS; "auto" picks the fastest that works here."""
+        """decode_backend: one of engine.model.DECODE_BACKENDS; "auto" picks the fastest that works here.
+        cuda_graphs: capture decode steps (engine/cuda_graphs.py) on CUDA with the Triton backend."""
         self.device = pick_device(device_config.device)
         if self.device == "cpu":
             keep_freed_memory_in_heap()
@@ -111,6 +115,10 @@ class ModelRunner:
         is_cuda = self.device.startswith("cuda")
         self.host_kv = torch.zeros(host_shape, dtype=self.kv_cache.storage.dtype, pin_memory=is_cuda)
         self.swap_seconds_per_block = self._measure_swap() if self.num_host_blocks else 0.0
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs and is_cuda and self.model.decode_backend == "triton":
+            max_blocks = -(-self.max_model_len // block_size)
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, MAX_GRAPH_BATCH_SIZE, max_blocks)
         self._generators: dict[str, torch.Generator] = {}
         self._shared_generator = torch.Generator(device=self.device)
         self._shared_generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
@@ -180,10 +188,24 @@ class ModelRunner:
         prefills = [r for r in out.scheduled if r.num_tokens > 1]
         decodes = [r for r in out.scheduled if r.num_tokens == 1]
         ordered = prefills + decodes
+        if (graphs := self._live_decode_graphs()) is not None and not prefills:
+            # Host tensors: the graphs copy them into their static buffers.
+            batch = build_forward_batch([], decodes, self.block_size, "cpu")
+            if graphs.can_run(batch):
+                sampled = self.sample_tokens(graphs.run(batch), decodes)
+                return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
         batch = build_forward_batch(prefills, decodes, self.block_size, self.device)
         logits = self.model(batch, self.kv_cache)
         sampled = self.sample_tokens(logits, ordered)
         return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
+
+    def _live_decode_graphs(self) -> DecodeGraphs | None:
+        """The captured graphs, while they still point at this runner's KV pool. A KunServe regroup reallocates
+        the pool (engine/replicas.py): the graphs are dropped then, which also frees the old pool they hold."""
+        if self.decode_graphs is not None and self.decode_graphs.kv is not self.kv_cache:
+            logger.info("KV pool reallocated: decode CUDA graphs dropped, decodes run eagerly")
+            self.decode_graphs = None
+        return self.decode_graphs
 
     def sample_tokens(self, logits: torch.Tensor, ordered: list[ScheduledRequest]) -> dict[str, int]:
         """One token per request of `ordered` (prefills, then decodes) that needs one; logits rows in that order.
@@ -241,6 +263,8 @@ class ModelRunner:
         ):
             steps = [ScheduledRequest(f"warmup-{i}", [1], length, tables[i], greedy, True) for i in range(n)]
             self.execute(SchedulerOutput(scheduled=steps))
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture()
         elapsed = time.perf_counter() - t0
         logger.info("warm-up done in %.1fs", elapsed)
         return elapsed
@@ -284,7 +308,9 @@ def build_forward_batch(
     dev = device
 
     def t(x: list) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+        host = torch.tensor(x, dtype=torch.int64)
+        # Pinned, so the copy is truly async: from pageable memory CUDA synchronises the stream first.
+        return (host.pin_memory() if dev.startswith("cuda") else host).to(dev, non_blocking=True)
 
     return ForwardBatch(
         token_ids=t(token_ids),

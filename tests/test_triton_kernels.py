@@ -22,6 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.batch import ScheduledRequest
+from engine.cuda_graphs import DecodeBuffers
+from engine.model import PagedLlama
+from engine.model_store import resolve_model
+from engine.protocol import SamplingParams
+from engine.runner import build_forward_batch
+from engine.weights import LayerWeights, ModelWeights, load_weights
 from kernels import reference
 
 pytest.importorskip("triton")
@@ -240,3 +247,49 @@ def test_launchers_reject_bad_inputs(device: str) -> None:
         kernels.paged_extend_attention(
             q, k_cache, v_cache, tables, torch.tensor([0, 2], device=device), lens, 0.25, max_query_len=1
         )
+
+
+# ---- the model on the Triton backend -----------------------------------------------------------------------------
+
+
+def test_model_on_the_triton_backend_matches_the_cpu_path(device: str, tmp_path: Path) -> None:
+    """PagedLlama with decode_backend="triton" (KV store, extend and decode kernels in every layer) against the
+    default CPU path over three steps sharing one KV pool: two prompts; a chunk after a cached prefix mixed with a
+    decode; then a decode-only step padded to a CUDA-graph size through the static DecodeBuffers, whose padding
+    rows (slot -1, context 0) must change nothing for the real rows."""
+
+    def moved(w: ModelWeights) -> ModelWeights:
+        """The same random numbers on the device (each device's RNG draws different ones)."""
+        layers = [
+            LayerWeights(**{k: t if t is None else t.to(device) for k, t in vars(x).items()})
+            for x in w.layers
+        ]
+        return ModelWeights(w.arch, w.embed.to(device), layers, w.norm.to(device), w.lm_head.to(device))
+
+    # synthetic:tiny (8 heads / 2 KV heads, llama3 RoPE): seeded random weights, no transformers import.
+    weights = load_weights(resolve_model("synthetic:tiny", cache_dir=tmp_path))
+    block_size, greedy = 4, SamplingParams(temperature=0.0)
+    reference_model = PagedLlama(weights)
+    model = PagedLlama(moved(weights), "triton")
+    assert model.decode_backend == "triton"
+    reference_kv = reference_model.allocate_kv_cache(32, block_size)
+    kv = model.allocate_kv_cache(32, block_size)
+    tables = {"a": [9, 3, 30, 14, 0, 22], "b": [17, 5, 26]}
+    prompt_a, prompt_b = list(range(40, 51)), [7, 300, 12, 99, 5]
+
+    def step(requests: list[tuple[str, list[int], int]]) -> None:
+        scheduled = [ScheduledRequest(r, toks, start, tables[r], greedy, True) for r, toks, start in requests]
+        prefills = [r for r in scheduled if r.num_tokens > 1]
+        decodes = [r for r in scheduled if r.num_tokens == 1]
+        expected = reference_model(build_forward_batch(prefills, decodes, block_size, "cpu"), reference_kv)
+        if prefills:
+            got = model(build_forward_batch(prefills, decodes, block_size, device), kv)
+        else:  # decode-only: through the static buffers, padded from 2 requests to 4
+            buffers = DecodeBuffers.allocate(4, max_blocks=8, device=device)
+            buffers.fill(build_forward_batch([], decodes, block_size, "cpu"), size=4)
+            got = model(buffers.forward_batch(4), kv)[: len(decodes)]
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+    step([("a", prompt_a[:8], 0), ("b", prompt_b, 0)])
+    step([("a", prompt_a[8:], 8), ("b", [61], 5)])  # a: 3-token chunk after an 8-token cached prefix
+    step([("a", [77], 11), ("b", [62], 6)])
