@@ -38,6 +38,8 @@ from loadgen.experiment_ecoserve import PYTHON, RESULTS, status_now
 from loadgen.throughput_experiment import REPO, ServerSpec, loadavg, machine_info, start_server, stop_server
 
 POLICIES = ("vllm", "edf", "qlm")
+# Simulator ablation: qlm with no host swap pool, so every eviction and preemption recomputes.
+RECOMPUTE_ONLY = "qlm-recompute"
 RWT_PAIRS_KEPT = 400  # per point, evenly spaced over the ring, for the plot
 
 
@@ -83,12 +85,12 @@ class SimSetup:
     eviction has something to free, as in E1; the host swap pool is 64 GiB (32,768 blocks): never the limit."""
 
     scenarios: tuple[Scenario, ...] = (
-        Scenario("sharegpt-poisson", "mixed-sharegpt", "poisson", (8.0, 12.0, 16.0, 20.0)),
-        Scenario("code-poisson", "mixed-code", "poisson", (8.0, 12.0, 16.0, 20.0)),
-        Scenario("sharegpt-trace", "mixed-sharegpt", "trace", (0.4, 0.3, 0.25)),
-        Scenario("code-trace", "mixed-code", "trace", (0.4, 0.3, 0.25)),
+        Scenario("sharegpt-poisson", "mixed-sharegpt", "poisson", (12.0, 16.0, 20.0)),
+        Scenario("code-poisson", "mixed-code", "poisson", (12.0, 16.0, 20.0)),
+        Scenario("sharegpt-trace", "mixed-sharegpt", "trace", (0.6, 0.5, 0.4, 0.3)),
+        Scenario("code-trace", "mixed-code", "trace", (0.6, 0.5, 0.4, 0.3)),
     )
-    policies: tuple[str, ...] = POLICIES
+    policies: tuple[str, ...] = (*POLICIES, RECOMPUTE_ONLY)
     num_requests: int = 1500
     seed: int = 0
     cost_model: str = "h100-llama3-8b"
@@ -132,6 +134,7 @@ class RealSetup:
 
 QUICK_SIM = SimSetup(  # a pool small enough that qlm evicts within 200 requests
     scenarios=(Scenario("sharegpt-poisson", "mixed-sharegpt", "poisson", (16.0,)),),
+    policies=POLICIES,
     num_requests=200,
     kv_blocks=512,
     jobs=1,
@@ -203,8 +206,8 @@ def sim_command(setup: SimSetup, scenario: Scenario, load: float, policy: str, o
         "--max-tokens", str(setup.max_tokens),
         "--cost-model", setup.cost_model,
         "--kv-blocks", str(setup.kv_blocks),
-        "--swap-space", setup.swap_space,
-        "--policy", policy,
+        "--swap-space", "0" if policy == RECOMPUTE_ONLY else setup.swap_space,
+        "--policy", policy.removesuffix("-recompute"),
         *slo_flags(setup.targets),
         "--json", str(out),
     ]  # fmt: skip

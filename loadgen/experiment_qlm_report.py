@@ -28,6 +28,11 @@ def _targets(setup: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _offered(row: dict[str, Any]) -> str:
+    """Trace timing: the time scale, and the request rate it offers over the run."""
+    return f" ({row['offered_rate']:.1f} req/s)" if row["arrivals"] == "trace" else ""
+
+
 def table(rows: list[dict[str, Any]], load_name: str) -> list[str]:
     lines = [
         f"| {load_name} | policy | interactive SLO | batch SLO | all | interactive TTFT p50 / p99 (s) | "
@@ -38,7 +43,7 @@ def table(rows: list[dict[str, Any]], load_name: str) -> list[str]:
     for r in rows:
         median_err = r.get("rwt_median_abs_error_s", r.get("rwt_mean_abs_error_s"))
         lines.append(
-            f"| {r['load']:g} | {r['policy']} | {_f(r['interactive_attainment'], '.1%')} | "
+            f"| {r['load']:g}{_offered(r)} | {r['policy']} | {_f(r['interactive_attainment'], '.1%')} | "
             f"{_f(r['batch_attainment'], '.1%')} | {_f(r['attainment'], '.1%')} | "
             f"{_f(r['interactive_p50_ttft_s'])} / {_f(r['interactive_p99_ttft_s'])} | {_f(r['batch_p99_e2e_s'], '.1f')} | "
             f"{_f(r['request_throughput'])} | {_f(r['output_throughput'], '.0f')} | "
