@@ -54,6 +54,21 @@ SYNTHETIC_SHAPES: dict[str, dict] = {
         bos_token_id=128000,
         eos_token_id=[128001, 128009],
     ),
+    # SmolLM2-135M's shape (the default model's), for speed runs where its weights cannot be fetched.
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "tiny": dict(
         vocab_size=512,
         hidden_size=128,
