@@ -307,10 +307,12 @@ def build_forward_batch(
         decode_tables.append(used + [0] * (max_blocks - len(used)))  # pad with block 0: masked, never read
     dev = device
 
-    def t(x: list) -> torch.Tensor:
-        host = torch.tensor(x, dtype=torch.int64)
+    def to_device(host: torch.Tensor) -> torch.Tensor:
         # Pinned, so the copy is truly async: from pageable memory CUDA synchronises the stream first.
         return (host.pin_memory() if dev.startswith("cuda") else host).to(dev, non_blocking=True)
+
+    def t(x: list) -> torch.Tensor:
+        return to_device(torch.tensor(x, dtype=torch.int64))
 
     return ForwardBatch(
         token_ids=t(token_ids),
@@ -319,7 +321,7 @@ def build_forward_batch(
         logits_indices=t(logits_indices),
         prefill_query_start_loc=qsl,
         prefill_context_lens=[r.context_len for r in prefills],
-        prefill_block_tables=[x.to(dev) for x in prefill_tables],
+        prefill_block_tables=[to_device(x) for x in prefill_tables],
         decode_block_tables=t(decode_tables).view(len(decodes), max_blocks),
         decode_context_lens=t([r.context_len for r in decodes]),
     )
