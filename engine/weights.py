@@ -206,16 +206,22 @@ def load_weights(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
 
 
 def random_weights(arch: ModelArch, dtype: torch.dtype, device: str, seed: int = 0) -> ModelWeights:
-    """Seeded random weights at arch's shape, made on the device (an 8B model in seconds, no host copy):
-    N(0, 1/fan_in) matrices keep the residual stream's scale through the layers, norms are 1. For measuring
-    speed only (`synthetic:<shape>` models); the tokens they produce mean nothing."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    """Seeded random weights at arch's shape: N(0, 1/fan_in) matrices keep the residual stream's scale through
+    the layers, norms are 1. For speed runs (`synthetic:<shape>` models); the tokens they produce mean nothing.
+
+    Models under 2 GB (fp32) are drawn on the CPU and moved, so the same seed gives the same weights on every
+    device and a GPU run can be checked token for token against the CPU path; larger ones are drawn on the device
+    (an 8B model in seconds instead of a minute of host RNG), so they match only on the same kind of device."""
     h, d = arch.hidden_size, arch.head_dim
     qkv_rows = (arch.num_heads + 2 * arch.num_kv_heads) * d
+    per_layer = qkv_rows * h + h * arch.num_heads * d + 3 * h * arch.intermediate_size
+    num_params = arch.num_layers * per_layer + 2 * arch.vocab_size * h
+    draw_on = "cpu" if 4 * num_params < 2 * 10**9 else device
+    gen = torch.Generator(device=draw_on).manual_seed(seed)
 
     def matrix(rows: int, cols: int) -> torch.Tensor:
-        w = torch.empty(rows, cols, dtype=dtype, device=device)
-        return w.normal_(0.0, cols**-0.5, generator=gen)
+        w = torch.empty(rows, cols, dtype=dtype, device=draw_on)
+        return w.normal_(0.0, cols**-0.5, generator=gen).to(device)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.float32, device=device)

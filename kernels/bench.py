@@ -330,21 +330,25 @@ def bench_e2e(
     return rows
 
 
-def greedy_agreement(num_tokens: int = 32) -> list[dict]:
-    """SmolLM2 greedy tokens on the GPU against the CPU path: fp32 must agree token for token (acceptance);
-    bf16 on the GPU is reported as the number of leading tokens that agree with fp32 on the CPU."""
-    from transformers import AutoTokenizer
-
+def greedy_agreement(model: str = "default", num_tokens: int = 32) -> list[dict]:
+    """Greedy tokens on the GPU against the CPU path: fp32 must agree token for token (acceptance); bf16 on the
+    GPU is reported as the number of leading tokens that agree with fp32 on the CPU. "default" (SmolLM2) is
+    prompted with a chat; `synthetic:smollm2-135m` (the same shape, the same seeded weights on both devices, no
+    download) with fixed token ids."""
     from engine.batch import ScheduledRequest, SchedulerOutput
     from engine.model_store import resolve_model
     from engine.protocol import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=1 << 20)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
-    messages = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
-    prompt = list(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-    )
+    if model.startswith("synthetic:"):
+        prompt = [(37 * i + 11) % 4000 + 10 for i in range(40)]
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        messages = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def generate(runner) -> list[int]:
         table = list(range(-(-(len(prompt) + num_tokens) // runner.block_size)))
@@ -355,18 +359,14 @@ def greedy_agreement(num_tokens: int = 32) -> list[dict]:
             tokens.append(runner.execute(SchedulerOutput([step])).sampled["g"])
         return tokens
 
-    cpu = generate(_kairos_runner("default", "float32", device="cpu"))
+    cpu = generate(_kairos_runner(model, "float32", device="cpu"))
     rows = []
     for dtype in ("float32", "bfloat16"):
-        gpu = generate(_kairos_runner("default", dtype))
+        gpu = generate(_kairos_runner(model, dtype))
         gc.collect()
         torch.cuda.empty_cache()
         agree = next((i for i, (a, b) in enumerate(zip(cpu, gpu, strict=True)) if a != b), len(cpu))
-        rows.append(
-            dict(
-                model="default (SmolLM2-135M)", gpu_dtype=dtype, tokens=num_tokens, leading_tokens_equal=agree
-            )
-        )
+        rows.append(dict(model=model, gpu_dtype=dtype, tokens=num_tokens, leading_tokens_equal=agree))
     return rows
 
 
@@ -422,10 +422,11 @@ def render(report: Report) -> str:
             )
         lines.append("")
     if report.greedy:
-        lines += ["## Greedy agreement with the CPU path (SmolLM2, CPU fp32 as the reference)", ""]
-        lines += ["| GPU dtype | tokens | leading tokens equal |", "|---|---|---|"]
+        lines += ["## Greedy agreement with the CPU path (CPU fp32 as the reference)", ""]
+        lines += ["| model | GPU dtype | tokens | leading tokens equal |", "|---|---|---|---|"]
         lines += [
-            f"| {r['gpu_dtype']} | {r['tokens']} | {r['leading_tokens_equal']} |" for r in report.greedy
+            f"| {r['model']} | {r['gpu_dtype']} | {r['tokens']} | {r['leading_tokens_equal']} |"
+            for r in report.greedy
         ]
         lines.append("")
     return "\n".join(lines)
@@ -438,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument(
+        "--greedy-model",
+        default="default",
+        help="default (SmolLM2, needs its weights) or synthetic:smollm2-135m",
+    )
     parser.add_argument("--quick", action="store_true", help="3 kernel shapes, batch 1/16/256, 16 steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("e2e", "all"):
         report.e2e = bench_e2e(args.models.split(","), batch_sizes, args.prompt_len, steps, copy_bw)
     if args.part in ("greedy", "all"):
-        report.greedy = greedy_agreement()
+        report.greedy = greedy_agreement(args.greedy_model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(report))
     args.out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=1, default=str))

@@ -28,7 +28,7 @@ from engine.model import PagedLlama
 from engine.model_store import resolve_model
 from engine.protocol import SamplingParams
 from engine.runner import build_forward_batch
-from engine.weights import LayerWeights, ModelWeights, load_weights
+from engine.weights import load_weights
 from kernels import reference
 
 pytest.importorskip("triton")
@@ -258,19 +258,11 @@ def test_model_on_the_triton_backend_matches_the_cpu_path(device: str, tmp_path:
     decode; then a decode-only step padded to a CUDA-graph size through the static DecodeBuffers, whose padding
     rows (slot -1, context 0) must change nothing for the real rows."""
 
-    def moved(w: ModelWeights) -> ModelWeights:
-        """The same random numbers on the device (each device's RNG draws different ones)."""
-        layers = [
-            LayerWeights(**{k: t if t is None else t.to(device) for k, t in vars(x).items()})
-            for x in w.layers
-        ]
-        return ModelWeights(w.arch, w.embed.to(device), layers, w.norm.to(device), w.lm_head.to(device))
-
-    # synthetic:tiny (8 heads / 2 KV heads, llama3 RoPE): seeded random weights, no transformers import.
-    weights = load_weights(resolve_model("synthetic:tiny", cache_dir=tmp_path))
+    # synthetic:tiny (8 heads / 2 KV heads, llama3 RoPE): seeded random weights, the same on every device.
+    model_dir = resolve_model("synthetic:tiny", cache_dir=tmp_path)
     block_size, greedy = 4, SamplingParams(temperature=0.0)
-    reference_model = PagedLlama(weights)
-    model = PagedLlama(moved(weights), "triton")
+    reference_model = PagedLlama(load_weights(model_dir))
+    model = PagedLlama(load_weights(model_dir, device=device), "triton")
     assert model.decode_backend == "triton"
     reference_kv = reference_model.allocate_kv_cache(32, block_size)
     kv = model.allocate_kv_cache(32, block_size)
