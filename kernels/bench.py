@@ -222,15 +222,19 @@ def kairos_decode(runner, batch: int, prompt_len: int, steps: int, seed: int = 0
         return {"skipped": f"needs {batch * blocks_per} KV blocks, pool has {runner.num_kv_blocks}"}
     tables = [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(batch)]
     prompts = [[rng.randrange(10, runner.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
+    # Prefill in steps of at most 8192 tokens, as a token budget would (32k tokens of 8B activations at once
+    # would need ~10 GB outside the KV pool).
+    per_step = max(1, 8192 // prompt_len)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = runner.execute(
-        SchedulerOutput(
-            [ScheduledRequest(f"r{i}", p, 0, tables[i], greedy, True) for i, p in enumerate(prompts)]
-        )
-    )
+    last: dict[str, int] = {}
+    for first in range(0, batch, per_step):
+        step = [
+            ScheduledRequest(f"r{i}", prompts[i], 0, tables[i], greedy, True)
+            for i in range(first, min(batch, first + per_step))
+        ]
+        last.update(runner.execute(SchedulerOutput(step)).sampled)
     prefill_s = time.perf_counter() - t0
-    last = dict(out.sampled)
     step_times = []
     for step in range(steps):
         scheduled = [

@@ -17,6 +17,8 @@ Rows the engine pads (CUDA-graph batch padding): a slot < 0 is not stored, a con
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -240,6 +242,11 @@ def _decode_reduce_kernel(
     )
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def pick_num_splits(num_requests: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
     """Split-K factor for decode: enough programs to fill the GPU when the batch alone does not (batch 1, 8 KV
     heads = 8 programs on 132 SMs), and never splits shorter than 256 tokens (the reduction costs a launch).
@@ -274,7 +281,7 @@ def paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = pick_num_splits(num_reqs, num_kv_heads, block_tables.shape[1] * page_size, num_sms)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits > 1:
