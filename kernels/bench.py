@@ -450,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="3 kernel shapes, batch 1/16/256, 16 steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--merge", action="store_true", help="keep the other parts of an earlier --out .json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(
@@ -467,10 +468,18 @@ def main(argv: list[str] | None = None) -> None:
         command="python -m kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
+    if args.merge and (previous := args.out.with_suffix(".json")).is_file():
+        # Parts measured by earlier commands (a device command runs 10 minutes at most) are kept; their
+        # commands and dates are listed with this one's.
+        old = json.loads(previous.read_text())
+        report.kernels, report.e2e, report.greedy = old["kernels"], old["e2e"], old["greedy"]
+        report.command = f"{old['command']}` ({old['date']}), then `{report.command}"
     if args.part in ("kernels", "all"):
         report.kernels = bench_kernels(shapes, copy_bw)
     if args.part in ("e2e", "all"):
-        report.e2e = bench_e2e(args.models.split(","), batch_sizes, args.prompt_len, steps, copy_bw)
+        models = args.models.split(",")
+        measured = bench_e2e(models, batch_sizes, args.prompt_len, steps, copy_bw)
+        report.e2e = [r for r in report.e2e if r["model"].split(" ")[0] not in models] + measured
     if args.part in ("greedy", "all"):
         report.greedy = greedy_agreement(args.greedy_model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
