@@ -111,12 +111,12 @@ class SimSetup:
 
     rates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "sharegpt": (16.0, 20.0, 22.0, 24.0, 26.0, 28.0, 32.0),
-            "azure-conv": (4.0, 6.0, 8.0, 10.0, 12.0, 14.0),
+            "sharegpt": (16.0, 20.0, 24.0, 26.0, 28.0),
+            "azure-conv": (4.0, 6.0, 8.0, 10.0, 12.0),
         }
     )
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    num_requests: int = 1500
+    variants: tuple[str, ...] = tuple(v for v in VARIANTS if v != "sjf-oracle")  # --sim-variants adds it
+    num_requests: int = 1000
     seeds: tuple[int, ...] = (0,)
     cost_model: str = "h100-llama3-8b"
     kv_blocks: int = 2048
