@@ -110,7 +110,7 @@ class SimSetup:
 @dataclass(frozen=True)
 class RealSetup:
     """The real engine on this CPU: SmolLM2-135M, a KV pool of a few MiB so that memory binds (45 KiB per token:
-    24 MiB is 33 blocks of 16 tokens), a host swap pool twice that. ShareGPT batch requests run to their recorded
+    24 MiB is 34 blocks of 16 tokens), a host swap pool twice that. ShareGPT batch requests run to their recorded
     length (up to 96 tokens) and hold KV long; the interactive conv requests are short."""
 
     workload: str = "mixed-sharegpt"
