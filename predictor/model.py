@@ -297,7 +297,9 @@ class LengthPredictor:
 class ConstantPredictor:
     """The fallback when no model file loads, and the evaluation baseline: the same numbers for every request.
 
-    Defaults are the SmolLM2 ground truth's median and 0.9-quantile (docs/results/predictor.md).
+    Defaults: upper 1024 = the SmolLM2 ground truth's 0.9-quantile (max_tokens 1024; 55 % of its answers run
+    there, docs/results/predictor.md); median 256, not the ground truth's median (also 1024, which would put every
+    request in one EcoServe bucket), but about ShareGPT's ChatGPT-answer median, a middle guess for unknown models.
     """
 
     median: float = 256.0

@@ -39,11 +39,14 @@ smollm2() {
   $PY -m predictor.groundtruth --prior-data --out "$tmp/prior_data.jsonl"
   $PY -m predictor.train --data "$tmp/prior_data.jsonl" --prompt-field prompt --target-field response_tokens \
     -o "$tmp/prior.json"
-  # grouped 20 % test split (prompt-text groups) for the numbers, then the shipped model on every row
-  $PY -m predictor.train --data predictor/data/smollm2_lengths.jsonl --target-field output_tokens \
-    --prior "$tmp/prior.json" --test-fraction 0.2 -o "$tmp/smollm2_split.json"
-  $PY -m predictor.evaluate --model "$tmp/smollm2_split.json" --data predictor/data/smollm2_lengths.jsonl \
-    --target-field output_tokens --split test --json "$OUT/smollm2_test.json"
+  # grouped 20 % test splits (prompt-text groups, 4 seeds: ~440 test rows each) for the numbers, then the
+  # shipped model on every row
+  for seed in 0 1 2 3; do
+    $PY -m predictor.train --data predictor/data/smollm2_lengths.jsonl --target-field output_tokens \
+      --prior "$tmp/prior.json" --test-fraction 0.2 --split-seed "$seed" -o "$tmp/smollm2_split.json"
+    $PY -m predictor.evaluate --model "$tmp/smollm2_split.json" --data predictor/data/smollm2_lengths.jsonl \
+      --target-field output_tokens --split test --json "$OUT/smollm2_test$seed.json"
+  done
   $PY -m predictor.train --data predictor/data/smollm2_lengths.jsonl --target-field output_tokens \
     --prior "$tmp/prior.json" -o predictor/models/smollm2.json.gz
 }

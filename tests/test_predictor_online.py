@@ -144,3 +144,21 @@ def test_refit_trains_on_base_data_plus_the_log(model_path, tmp_path):
     refit = LengthPredictor.load(out)
     assert refit.info["num_train"] + refit.info["num_calib"] == 900
     assert refit.spec == FeatureSpec(hash_dim=256)
+
+
+def test_the_shipped_smollm2_model_loads_and_tags_within_max_tokens():
+    """predictor/models/smollm2.json.gz ships in the repo (docs/results/predictor.md) and is what `--predictor
+    default` serves: a censored-mixture model whose tags stay inside max_tokens and order short vs long asks."""
+    from predictor.online import load_tagger
+
+    tagger = load_tagger("default")
+    assert not tagger.is_constant
+    short = tagger.tag("What is 2+2?", 30, 1, 1024).prediction
+    long = tagger.tag(
+        "Write a 2000 word essay about the history of Rome, with many details.", 40, 1, 1024
+    ).prediction
+    for p in (short, long):
+        assert 1 <= p.median <= p.upper <= 1024
+    assert long.upper >= short.upper
+    capped = tagger.tag("Write a 2000 word essay about the history of Rome.", 30, 1, 64).prediction
+    assert capped.upper <= 64 and capped.bucket == 64
