@@ -33,6 +33,7 @@ from engine.ordering import (
     QlmOrder,
     RequestObserver,
     ShortestRemainingOrder,
+    UrgentFirst,
 )
 from engine.pressure import (
     ClassVictim,
@@ -160,6 +161,43 @@ def qlm(config: SchedulerConfig) -> SchedulingPolicy:
     )
 
 
+def kairos(config: SchedulerConfig) -> SchedulingPolicy:
+    """The composition (DESIGN §4), each part an existing object:
+
+      - ordering: QLM's urgent groups first, earliest deadline first (`QlmOrder.urgent_first` of the QLM
+        monitor), in front of Justitia's fair order (`UrgentFirst`); while no deadline is at risk the order is
+        Justitia's alone, and running requests always keep the fair order;
+      - ledger: EcoServe's exact allocation of prompt + bucket(rl_q) with a global reserve, KVC lending and GT
+        groups (`_ledger(config)`, the ecoserve_* switches apply), non-blocking admission within the window;
+      - victims: `LedgerVictim` (the pressure ladder after stop-admitting, lending and the reserve): a request
+        running past its reservation first, then a borrower, then batch class before interactive, the newest
+        admission among equals; the lender never. The same selector picks who an urgent request evicts (the
+        scheduler offers it only lower-class running requests);
+      - observer: the fair order (Justitia's virtual time sees capacity, arrivals, service, finishes);
+      - slo: the QLM monitor (violation check every `qlm_tick_s`, step meter); swaps as qlm: an evicted
+        request's KV goes to host memory when that is cheaper than recomputing it.
+
+    Left out: EcoServe's own GT/PT ordering (Justitia's order replaces it) and KunServe's drop, which lives in
+    the replica layer (engine/kunserve.py, engine/replicas.py), not in a single scheduler's policy."""
+    monitor = QlmMonitor(config.qlm_tick_s, config.qlm_quantile)
+    fair = JustitiaOrder(
+        kv_capacity_tokens=1.0,
+        iteration_seconds=config.fair_iteration_s,
+        idle_timeout=config.app_idle_timeout,
+    )
+    fair_order = FairOrder(fair, iteration_seconds=config.fair_iteration_s)
+    return SchedulingPolicy(
+        "kairos",
+        UrgentFirst(QlmOrder(monitor).urgent_first, fair_order),
+        LedgerVictim(),
+        _ledger(config),
+        admission_window=config.admission_window,
+        observer=fair_order,
+        slo=monitor,
+        swaps=True,
+    )
+
+
 POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
     "vllm": vllm,
     "reserve-max": reserve_max,
@@ -169,6 +207,7 @@ POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
     "vtc": vtc,
     "edf": edf,
     "qlm": qlm,
+    "kairos": kairos,
 }
 
 
