@@ -1,5 +1,5 @@
 """`python -m loadgen run|plan` (also `kairos bench run|plan`): replay a workload against a server, or show its plan;
-`kairos bench experiment ecoserve|justitia|qlm ...` runs experiment E1, E3 or E2 (loadgen/experiment_*.py).
+`kairos bench experiment ecoserve|justitia|qlm|kunserve ...` runs experiment E1, E3, E2 or E4 (loadgen/experiment_*.py).
 
     python -m loadgen run --base-url http://127.0.0.1:8000 --workload azure-conv --num-requests 50 \
         --time-scale 0.5 --goodput ttft:2000 tpot:100 --json out/azure.json --plot
@@ -261,6 +261,7 @@ def experiment(argv: list[str]) -> int:
         "ecoserve": "loadgen.experiment_ecoserve",
         "justitia": "loadgen.experiment_justitia",
         "qlm": "loadgen.experiment_qlm",
+        "kunserve": "loadgen.experiment_kunserve",
     }
     if not argv or argv[0] not in experiments:
         raise UsageError(f"experiment: choose one of {', '.join(experiments)}")
