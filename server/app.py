@@ -33,6 +33,7 @@ from predictor.app_cost import AppCostTagger, load_app_cost_tagger
 from predictor.length_source import LengthSource
 from predictor.online import LengthLogObserver, LengthTagger, load_tagger, request_text
 from server import sse
+from server.admission import Admission, AdmissionLimits, Overloaded
 from server.config import ServerConfig
 from server.generation import EngineClientLike, Generation, complete, run_unless_disconnected, sse_response
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -87,6 +88,15 @@ def build_app(
     app.state.app_cost = load_app_cost_tagger(config.app_cost_model)
     # predictor/length_source.py: the predictor's tags, or the true length for oracle ablations.
     app.state.length_source = LengthSource(config.length_source, config.length_noise, config.length_seed)
+    # server/admission.py: queued requests / prompt tokens, globally and per tenant (429 over a limit).
+    app.state.admission = Admission(
+        AdmissionLimits(
+            config.max_queued_requests,
+            config.max_queued_tokens,
+            config.max_queued_requests_per_tenant,
+            config.max_queued_tokens_per_tenant,
+        )
+    )
     if client.ready is not None:  # a client that is ready at once (tests)
         _build_metrics(app, client.ready)
     return app
@@ -327,10 +337,23 @@ async def _generate(
         observer = LengthLogObserver(observer, tagger, tagged)
     gen = Generation(msg, params, output, app.state.config.served_model_name, is_chat, observer=observer)
     client: EngineClientLike = app.state.client
-    if params.stream:
-        return sse_response(client, gen)
-    body = await run_unless_disconnected(request, complete(client, gen))
-    return _json(body) if body is not None else Response(status_code=499)  # 499: nobody is listening
+    try:
+        ticket = app.state.admission.admit(identity.tenant, len(prompt_ids))
+    except Overloaded as exc:
+        if app.state.metrics is not None:
+            app.state.metrics.on_rejected(exc.reason)
+        raise
+    handed_over = False
+    try:
+        if params.stream:
+            response = sse_response(client, gen, on_close=ticket.release)
+            handed_over = True  # the response releases the ticket when it ends, however it ends
+            return response
+        body = await run_unless_disconnected(request, complete(client, gen))
+        return _json(body) if body is not None else Response(status_code=499)  # 499: nobody is listening
+    finally:
+        if not handed_over:
+            ticket.release()
 
 
 def _max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: int, is_chat: bool) -> int:
@@ -399,7 +422,7 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
-    if exc.status == 503:
+    if exc.status in (429, 503):
         headers = {**(headers or {}), "Retry-After": "1"}
     return _json(sse.error_body(exc.message, exc.type, exc.param, exc.status), exc.status, headers)
 

@@ -210,6 +210,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "or 'none' (apps are costed as the sum of their requests' predictions)",
     )
 
+    overload = parser.add_argument_group(
+        "admission limits (0 = unlimited; over one → HTTP 429 + Retry-After)"
+    )
+    for flag, what in (
+        ("--max-queued-requests", "requests admitted and not yet finished, over the whole server"),
+        ("--max-queued-tokens", "prompt tokens of requests admitted and not yet finished, over the server"),
+        ("--max-queued-requests-per-tenant", "requests admitted and not yet finished, per tenant"),
+        (
+            "--max-queued-tokens-per-tenant",
+            "prompt tokens of requests admitted and not yet finished, per tenant",
+        ),
+    ):
+        overload.add_argument(flag, type=_non_negative_int, default=0, metavar="N", help=what)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
 
 def _tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
     from engine.fairness import parse_tenant_weights
@@ -286,6 +307,10 @@ def serve(args: argparse.Namespace) -> int:
         length_seed=args.length_seed,
         tenant_weights=args.tenant_weights,
         app_cost_model=args.app_cost_model,
+        max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens,
+        max_queued_requests_per_tenant=args.max_queued_requests_per_tenant,
+        max_queued_tokens_per_tenant=args.max_queued_tokens_per_tenant,
     )
     app = build_app(server_config, EngineClient(engine_config))
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, drains, then the lifespan shuts the engine down.

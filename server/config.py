@@ -32,6 +32,12 @@ class ServerConfig:
     # app-cost model (predictor/app_cost.py): "default" = the shipped one, "none" = the engine's sum fallback.
     tenant_weights: tuple[tuple[str, float], ...] = ()
     app_cost_model: str = "default"
+    # Admission limits (server/admission.py): requests / prompt tokens admitted and not yet finished, over the
+    # whole server and per tenant; over one → 429 with Retry-After. 0 = unlimited (the default).
+    max_queued_requests: int = 0
+    max_queued_tokens: int = 0
+    max_queued_requests_per_tenant: int = 0
+    max_queued_tokens_per_tenant: int = 0
 
     def tenant_weight(self, tenant: str) -> float:
         return dict(self.tenant_weights).get(tenant, 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -159,17 +159,26 @@ class SSEResponse(StreamingResponse):
     happens while the generator sits at a `yield`, only this aclose runs its `finally` (the engine abort)."""
 
     body_iterator: AsyncGenerator[bytes, None]
+    on_close: Callable[[], None] | None = None  # run last, however the response ends (admission release)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
 
 
-def sse_response(client: EngineClientLike, gen: Generation) -> SSEResponse:
+def sse_response(
+    client: EngineClientLike, gen: Generation, on_close: Callable[[], None] | None = None
+) -> SSEResponse:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return SSEResponse(_sse_events(client, gen), media_type="text/event-stream", headers=headers)
+    response = SSEResponse(_sse_events(client, gen), media_type="text/event-stream", headers=headers)
+    response.on_close = on_close
+    return response
 
 
 async def _sse_events(client: EngineClientLike, gen: Generation) -> AsyncIterator[bytes]:

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from engine.protocol import EngineStats
+from server.admission import REJECT_REASONS
 from server.status import REPLICA_MODES, RollingWindow, kv_pool, replica_mode
 
 if TYPE_CHECKING:
@@ -126,7 +127,18 @@ class Metrics:
             (*labels, "finished_reason"),
             registry=self.registry,
         )
+        self.requests_rejected = Counter(
+            "kairos:requests_rejected",
+            "Requests refused with 429 by an admission limit (server/admission.py), by the limit hit.",
+            ("model_name", "reason"),
+            registry=self.registry,
+        )
+        for reason in REJECT_REASONS:
+            self.requests_rejected.labels(model_name, reason)
         self.registry.register(EngineStatsCollector(model_name, latest_stats, self.tenant_label))
+
+    def on_rejected(self, reason: str) -> None:
+        self.requests_rejected.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
