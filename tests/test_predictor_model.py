@@ -167,7 +167,7 @@ def test_censored_targets_get_the_mixture_model_and_stay_calibrated(tmp_path):
     model.save(path)
     again = LengthPredictor.load(path)
     assert np.allclose(again.predict_many(test.rows[:50])[0], median[:50])
-    # without the mixture the pinball median collapses towards the cap for every essay-or-not mix
+    # --censored off keeps the plain pinball-loss pair, and the floored calibration still holds its coverage
     plain = fit(
         _capped_dataset(1500, 1, cap),
         _capped_dataset(800, 2, cap),
@@ -175,6 +175,7 @@ def test_censored_targets_get_the_mixture_model_and_stay_calibrated(tmp_path):
         TrainParams(**{**PARAMS.__dict__, "censored": "off"}),
     )
     assert not plain.info["censored"] and plain.cap_booster is None
+    assert np.mean(test.y <= plain.predict_many(test.rows)[1]) == pytest.approx(0.9, abs=0.03)
 
 
 def test_floored_conformal_offset_counts_rows_the_floor_covers():
