@@ -125,12 +125,28 @@ def _add_request_of(f: list) -> AddRequest:
 
 
 def _fields_of_ready(m: Ready) -> list:
-    return [m.model_name, m.max_model_len, m.block_size, m.num_kv_blocks, m.device, m.policy]
+    return [
+        m.model_name,
+        m.max_model_len,
+        m.block_size,
+        m.num_kv_blocks,
+        m.device,
+        m.policy,
+        m.max_blocks_per_request,
+    ]
 
 
 def _ready_of(f: list) -> Ready:
-    model_name, max_model_len, block_size, num_kv_blocks, device, policy = f
-    return Ready(model_name, int(max_model_len), int(block_size), int(num_kv_blocks), device, policy)
+    model_name, max_model_len, block_size, num_kv_blocks, device, policy, max_blocks_per_request = f
+    return Ready(
+        model_name,
+        int(max_model_len),
+        int(block_size),
+        int(num_kv_blocks),
+        device,
+        policy,
+        int(max_blocks_per_request),
+    )
 
 
 _STATS_INTS = ("num_running", "num_waiting", "num_preempted", "num_free_blocks", "num_total_blocks")
@@ -194,7 +210,7 @@ _JSON_LAYOUTS: dict[int, tuple[type, int, Callable[[Any], list], Callable[[list]
     TAG_ADD_REQUEST: (AddRequest, 15, _fields_of_add_request, _add_request_of),
     TAG_ABORT: (Abort, 1, lambda m: [m.request_ids], lambda f: Abort(request_ids=list(f[0]))),
     TAG_SHUTDOWN: (Shutdown, 1, lambda m: [m.reason], lambda f: Shutdown(reason=f[0])),
-    TAG_READY: (Ready, 6, _fields_of_ready, _ready_of),
+    TAG_READY: (Ready, 7, _fields_of_ready, _ready_of),
     TAG_ENGINE_STATS: (EngineStats, 19, _fields_of_stats, _stats_of),
     TAG_ENGINE_ERROR: (EngineError, 1, lambda m: [m.message], lambda f: EngineError(message=f[0])),
 }

@@ -106,6 +106,7 @@ class EngineCore:
             num_kv_blocks=self.scheduler.block_manager.num_blocks,
             device=self.runner.device,
             policy=self.scheduler.policy.name,
+            max_blocks_per_request=self.scheduler.block_manager.num_blocks,
         )
 
 

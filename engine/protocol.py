@@ -15,6 +15,8 @@ from enum import IntEnum
 
 # Application shapes a client may declare (metadata.app_type); the app-cost model one-hot encodes them.
 APP_TYPES = ("agent", "map-reduce", "self-consistency", "chat", "other")
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-300 overflow float32 to inf/NaN.
+SAMPLING_EPS = 1e-5
 
 
 class FinishReason(IntEnum):
@@ -32,7 +34,7 @@ class FinishReason(IntEnum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling; temperature 0 means greedy."""
+    """Per-request sampling; temperature 0 (or below SAMPLING_EPS) means greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -45,7 +47,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 # ---- server -> engine ------------------------------------------------------------------------------------
@@ -97,6 +99,10 @@ class Ready:
     num_kv_blocks: int
     device: str
     policy: str
+    # The most blocks one request can ever hold: the pool of one scheduler (a replica engine's largest group).
+    # The server refuses prompt + max_tokens beyond it with a 400 instead of a request the engine must refuse.
+    # 0 = not reported; then num_kv_blocks is the bound.
+    max_blocks_per_request: int = 0
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ FULL_MESSAGES = [
         num_kv_blocks=999,
         device="cpu",
         policy="kairos",
+        max_blocks_per_request=500,
     ),
     TokenDeltaBatch(
         deltas=[
