@@ -88,12 +88,13 @@ def _fields_of_add_request(m: AddRequest) -> list:
         m.app_num_requests,
         m.app_cost,
         m.tenant_weight,
+        m.model,
     ]
 
 
 def _add_request_of(f: list) -> AddRequest:
     rid, prompt, s, arrival, tenant, app_id, slo_class, priority, cache_salt, rl_mean, rl_q = f[:11]
-    app_type, app_num_requests, app_cost, tenant_weight = f[11:]
+    app_type, app_num_requests, app_cost, tenant_weight, model = f[11:]
     max_tokens, temperature, top_p, top_k, min_p, seed, stop_token_ids, ignore_eos = s
     sampling = SamplingParams(
         max_tokens=int(max_tokens),
@@ -121,6 +122,7 @@ def _add_request_of(f: list) -> AddRequest:
         app_num_requests=int(app_num_requests),
         app_cost=_float(app_cost),
         tenant_weight=_float(tenant_weight),
+        model=str(model),
     )
 
 
@@ -207,7 +209,7 @@ def _stats_of(f: list) -> EngineStats:
 
 # tag -> (type, number of fields, fields_of, of_fields); TokenDeltaBatch is struct-packed (below), not here.
 _JSON_LAYOUTS: dict[int, tuple[type, int, Callable[[Any], list], Callable[[list], Any]]] = {
-    TAG_ADD_REQUEST: (AddRequest, 15, _fields_of_add_request, _add_request_of),
+    TAG_ADD_REQUEST: (AddRequest, 16, _fields_of_add_request, _add_request_of),
     TAG_ABORT: (Abort, 1, lambda m: [m.request_ids], lambda f: Abort(request_ids=list(f[0]))),
     TAG_SHUTDOWN: (Shutdown, 1, lambda m: [m.reason], lambda f: Shutdown(reason=f[0])),
     TAG_READY: (Ready, 7, _fields_of_ready, _ready_of),

@@ -8,6 +8,8 @@
   - an `SloMonitor` (engine/qlm.py): QLM's violation check every tick, which marks requests urgent (an urgent
     request may evict lower-class running work); it also meters the steps. A no-op check for the rest;
   - `swaps`: whether a preempted request's KV may go to host memory when that is cheaper (engine/swap.py);
+  - a `Balancer` (engine/balance.py): which replica group a new request joins when the engine has several
+    (least loaded; QLM's RWT balancer for qlm and kairos);
   - two rules of the admission loop: how many waiting requests may fail to fit before it stops
     (`admission_window`; 1 is vLLM's head-of-line blocking), and whether it admits in a step that preempted.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.balance import Balancer, LeastLoaded, RwtBalancer
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.fairness import JustitiaOrder, VtcCounters
@@ -60,6 +63,7 @@ class SchedulingPolicy:
     observer: RequestObserver = NoObserver()  # told of arrivals, service and finishes (Justitia, VTC)
     slo: SloMonitor = field(default_factory=NoSloMonitor)  # QLM's violation check; meters all steps
     swaps: bool = False  # preemption may swap KV to host memory (engine/swap.py) instead of recomputing
+    balancer: Balancer = LeastLoaded()  # across replica groups (engine/replicas.py); one group: never asked
 
 
 def _no_reservations(block_manager: BlockManager, max_model_len: int) -> NoReservations:
@@ -154,10 +158,17 @@ def qlm(config: SchedulerConfig) -> SchedulingPolicy:
     """QLM (papers.md §4, engine/qlm.py): FCFS until the RWT estimator, checked every `qlm_tick_s`, predicts a
     group will miss its deadline; then urgent groups first, earliest deadline first, and an urgent request that
     cannot be admitted evicts lower-class running requests (lowest class, most KV, longest remaining), swapping
-    their KV to host memory or recomputing it, whichever is cheaper. vLLM's memory model otherwise."""
+    their KV to host memory or recomputing it, whichever is cheaper. Across replicas, a new request joins its
+    group's replica or goes to the least estimated wait (engine/balance.py). vLLM's memory model otherwise."""
     monitor = QlmMonitor(config.qlm_tick_s, config.qlm_quantile)
     return SchedulingPolicy(
-        "qlm", QlmOrder(monitor), ClassVictim(), _no_reservations, slo=monitor, swaps=True
+        "qlm",
+        QlmOrder(monitor),
+        ClassVictim(),
+        _no_reservations,
+        slo=monitor,
+        swaps=True,
+        balancer=RwtBalancer(config.qlm_quantile),
     )
 
 
@@ -175,7 +186,8 @@ def kairos(config: SchedulerConfig) -> SchedulingPolicy:
         scheduler offers it only lower-class running requests);
       - observer: the fair order (Justitia's virtual time sees capacity, arrivals, service, finishes);
       - slo: the QLM monitor (violation check every `qlm_tick_s`, step meter); swaps as qlm: an evicted
-        request's KV goes to host memory when that is cheaper than recomputing it.
+        request's KV goes to host memory when that is cheaper than recomputing it;
+      - balancer: QLM's RWT balancer across replica groups, as qlm (engine/balance.py).
 
     Left out: EcoServe's own GT/PT ordering (Justitia's order replaces it) and KunServe's drop, which lives in
     the replica layer (engine/kunserve.py, engine/replicas.py), not in a single scheduler's policy."""
@@ -195,6 +207,7 @@ def kairos(config: SchedulerConfig) -> SchedulingPolicy:
         observer=fair_order,
         slo=monitor,
         swaps=True,
+        balancer=RwtBalancer(config.qlm_quantile),
     )
 
 

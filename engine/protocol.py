@@ -74,6 +74,8 @@ class AddRequest:
     app_num_requests: int = 0  # declared number of requests in the app; 0 = undeclared
     app_cost: float = 0.0
     tenant_weight: float = 1.0
+    # QLM model swapping: which served model this request is for ("" = the engine's only / first model).
+    model: str = ""
 
 
 @dataclass(frozen=True)

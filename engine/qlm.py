@@ -3,8 +3,9 @@ violation check that marks groups urgent. Torch-free; the scheduler calls `tick`
 orderings ask `is_urgent` (engine/ordering.py, engine/policy.py).
 
 Groups: waiting requests keyed by (model, SLO class, coarse length bucket), in FCFS order of their oldest member;
-that list is the engine's one virtual queue (one replica today). The coarse bucket is log4 of the predicted
-output length (1-3, 4-15, 16-63, ... tokens), so a group's members have lengths of one order of magnitude.
+that list is a scheduler's virtual queue (one per replica group; engine/balance.py places new requests on them).
+The coarse bucket is log4 of the predicted output length (1-3, 4-15, 16-63, ... tokens), so a group's members have
+lengths of one order of magnitude.
 
 RWT of the group at position k (the CLT bound of papers.md §4.4, not the public code's `n · 100 / Θ`):
 
@@ -79,14 +80,16 @@ class RequestGroup:
         return min(r.next_deadline for r in self.requests)
 
 
-def form_groups(
-    waiting: list[Request], model: str = "", swap_seconds_per_block: float = 0.0
-) -> list[RequestGroup]:
+def group_key(request: Request) -> GroupKey:
+    return GroupKey(request.model, request.slo_class, coarse_bucket(request))
+
+
+def form_groups(waiting: list[Request], swap_seconds_per_block: float = 0.0) -> list[RequestGroup]:
     """The virtual queue: waiting requests grouped by GroupKey, groups in the order of their first member in
     `waiting` (pass it FCFS-sorted)."""
     groups: dict[GroupKey, RequestGroup] = {}
     for request in waiting:
-        key = GroupKey(model, request.slo_class, coarse_bucket(request))
+        key = group_key(request)
         group = groups.setdefault(key, RequestGroup(key))
         mu, var = length_moments(request)
         group.requests.append(request)
@@ -94,6 +97,16 @@ def form_groups(
         group.sum_var += var
         group.swap_in_s += len(request.host_block_ids) * swap_seconds_per_block
     return list(groups.values())
+
+
+def running_group(running: list[Request]) -> RequestGroup:
+    """The running requests' remaining work as one group: what every waiting group waits behind."""
+    in_flight = RequestGroup(GroupKey("", "running", -1))
+    for request in running:
+        mu, var = length_moments(request)
+        in_flight.sum_mu += mu
+        in_flight.sum_var += var
+    return in_flight
 
 
 class RwtEstimator:
@@ -185,9 +198,8 @@ class NoSloMonitor:
 class QlmMonitor:
     """The violation check every `tick_s`: virtual queue → RWT → urgent groups; logs estimates vs actual waits."""
 
-    def __init__(self, tick_s: float = 0.1, quantile: float = 0.99, model: str = "") -> None:
+    def __init__(self, tick_s: float = 0.1, quantile: float = 0.99) -> None:
         self.tick_s = tick_s
-        self.model = model
         self.estimator = RwtEstimator(quantile)
         self.meter = StepMeter()
         self.urgent_ids: set[str] = set()
@@ -219,13 +231,9 @@ class QlmMonitor:
             return
         self._last_tick = now
         self._log_actual_waits()
-        queue = form_groups(sorted(waiting, key=lambda r: r.queued_time), self.model, swap_seconds_per_block)
+        queue = form_groups(sorted(waiting, key=lambda r: r.queued_time), swap_seconds_per_block)
         theta = self.meter.tokens_per_s.value
-        in_flight = RequestGroup(GroupKey(self.model, "running", -1))
-        for request in running:
-            mu, var = length_moments(request)
-            in_flight.sum_mu += mu
-            in_flight.sum_var += var
+        in_flight = running_group(running)
         waits = self.estimator.waits(queue, theta, in_flight)
         urgent = [g for g, w in zip(queue, waits, strict=True) if now + w > g.deadline]
         self.num_violations_total += len(urgent)

@@ -2,7 +2,8 @@
 
 The engine is a list of groups. A group is one scheduler (its own block manager, ledger, queues) over one KV block
 space, and a runner: a plain ModelRunner for a group of one replica (data-parallel mode, exactly the
-single-replica engine), a PipelineRunner for k ≥ 2 (engine/pipeline.py). New requests go to the least-loaded group.
+single-replica engine), a PipelineRunner for k ≥ 2 (engine/pipeline.py). The policy's balancer places new requests
+(engine/balance.py): the least-loaded group, or for qlm and kairos the least estimated QLM waiting time.
 
     data-parallel      [r0: all layers, pool n0]   [r1: all layers, pool n1]
          │ drop (monitor votes, plan_drop merges)          ▲ restore (monitor votes; the requests fit the DP pools)
@@ -64,12 +65,6 @@ class Group:
     def scheduler(self):
         return self.core.scheduler
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """Dispatch key, smaller = less loaded: requests held, then fewer free blocks."""
-        s = self.scheduler
-        return len(s.waiting) + len(s.running), -s.block_manager.num_free_blocks
-
 
 class ReplicaEngine:
     """EngineCore's interface (add_request, abort, has_work, step, stats, ready_message) over replica groups."""
@@ -101,6 +96,7 @@ class ReplicaEngine:
         self._retired = dict.fromkeys(_TOTALS, 0)  # counters of schedulers a regroup replaced
         self._last_step_seconds = 0.0
         self.num_drops_total = self.num_restores_total = 0
+        self.num_placements: dict[str, int] = {}  # balancer placements by reason (engine/balance.py)
         self.freed_weight_bytes = 0  # decoder-layer bytes not resident now (0 in data-parallel mode)
 
     # ---- the EngineCore interface ------------------------------------------------------------------------
@@ -108,8 +104,12 @@ class ReplicaEngine:
     def add_request(self, msg: AddRequest) -> None:
         if any(msg.request_id in g.scheduler.requests for g in self.groups):
             raise ValueError(f"duplicate request id {msg.request_id!r}")
-        group = min(self.groups, key=lambda g: g.load)
-        if (refusal := group.scheduler.add_request(Request.from_message(msg))) is not None:
+        request = Request.from_message(msg)
+        balancer = self.groups[0].scheduler.policy.balancer  # every group runs the same policy
+        placement = balancer.place(request, [g.scheduler for g in self.groups])
+        self.num_placements[placement.reason] = self.num_placements.get(placement.reason, 0) + 1
+        group = self.groups[placement.index]
+        if (refusal := group.scheduler.add_request(request)) is not None:
             logger.info("refused %s: %s", msg.request_id, refusal.error)
             self._pending.append(refusal)
 
@@ -262,6 +262,7 @@ class ReplicaEngine:
             "kunserve_freed_weight_bytes": float(self.freed_weight_bytes),
             "kunserve_monitor_usage": self.monitor.usage,
         }
+        extra |= {f"dispatch_{reason}_total": float(n) for reason, n in self.num_placements.items()}
         return EngineStats(
             timestamp=time.time(),
             num_running=len(running),

@@ -59,6 +59,7 @@ class Request:
         app_num_requests: int = 0,
         app_cost: float = 0.0,
         tenant_weight: float = 1.0,
+        model: str = "",
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -77,6 +78,7 @@ class Request:
         self.app_num_requests = app_num_requests  # and the tenant's weight, as AddRequest carries them
         self.app_cost = app_cost
         self.tenant_weight = tenant_weight
+        self.model = model  # the served model it is for ("" = the engine's first); QLM groups are keyed by it
 
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
@@ -111,6 +113,7 @@ class Request:
             app_num_requests=msg.app_num_requests,
             app_cost=msg.app_cost,
             tenant_weight=msg.tenant_weight,
+            model=msg.model,
         )
 
     # ---- derived values ----------------------------------------------------------------------------------

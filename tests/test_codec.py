@@ -53,6 +53,7 @@ FULL_MESSAGES = [
         app_num_requests=16,
         app_cost=4.5e6,
         tenant_weight=2.0,
+        model="smollm2-b",
     ),
     Abort(request_ids=["a", "b"]),
     Shutdown(reason="bye"),
