@@ -1,5 +1,6 @@
 """`python -m loadgen run|plan` (also `kairos bench run|plan`): replay a workload against a server, or show its plan;
-`kairos bench experiment ecoserve|justitia|qlm|kunserve ...` runs experiment E1, E3, E2 or E4 (loadgen/experiment_*.py).
+`kairos bench experiment ecoserve|justitia|qlm|kunserve ...` runs experiment E1, E3, E2 or E4 (loadgen/experiment_*.py);
+`kairos bench soak ...` the long overload replay with random disconnects (loadgen/soak.py).
 
     python -m loadgen run --base-url http://127.0.0.1:8000 --workload azure-conv --num-requests 50 \
         --time-scale 0.5 --goodput ttft:2000 tpot:100 --json out/azure.json --plot
@@ -275,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["experiment"]:
             return experiment(argv[1:])
+        if argv[:1] == ["soak"]:
+            from loadgen.soak import main as soak_main
+
+            return soak_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args) if args.command == "run" else show_plan(args)
     except UsageError as e:

@@ -148,19 +148,24 @@ class RssSampler(threading.Thread):
             self.peak_kib = max(self.peak_kib, self._sample())
 
     def _sample(self) -> int:
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.pgid:  # field 5 of stat: pgrp
-                    total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024  # field 24: rss pages
-            except (OSError, IndexError, ValueError):
-                continue
-        return total
+        return group_rss_kib(self.pgid)
 
     def stop(self) -> float:
         self._done.set()
         return self.peak_kib / 1024
+
+
+def group_rss_kib(pgid: int) -> int:
+    """Resident memory (KiB) of every process in process group `pgid`, from /proc/*/stat."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5 of stat: pgrp
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024  # field 24: rss pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def health_ok(port: int) -> bool:
