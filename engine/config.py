@@ -74,6 +74,8 @@ class DeviceConfig:
     restore_usage: float = 0.5
     monitor_interval_s: float = 0.1
     monitor_window: int = 30
+    min_pipeline_s: float = 5.0  # restore hysteresis: dwell in pipeline mode, and the DP pools' fill after a
+    restore_fit_usage: float = 0.8  # restore must stay at or under this (engine/kunserve.py MonitorConfig)
 
 
 @dataclass(frozen=True)

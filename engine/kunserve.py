@@ -4,6 +4,12 @@ MemoryMonitor   samples KV usage (blocks in use / all blocks) every `interval_s`
                 `window`-sample ring, and votes as the authors' `FlashBackend.vote_for` does:
                   drop     usage ≥ drop_usage (95 %)  and  pending blocks ≥ free blocks  (and something is pending)
                   restore  nothing pending  and  usage ≤ restore_usage (50 %)  and  usage falling over the window
+                           (least-squares slope < 0), plus two guards against flapping (below)
+                Restore hysteresis (ours; the authors' restore path is the bare rule, its request transfer commented
+                out): no restore within `min_pipeline_s` of the last regroup, and only if the data-parallel pools
+                would hold the blocks in use now at ≤ restore_fit_usage (80 %) of their size: a restore that lands
+                at ≥ drop_usage (95 %) re-triggers a drop at the next burst of decode growth, which the CPU run of
+                E4 showed (drop, restore 4.7 s later, preemption, drop again).
 plan_drop       the greedy plan: start from the current groups, merge the two smallest (a min-heap, O(N log N))
                 until the freed weight bytes cover the pending demand. A group of k replicas keeps one copy of the
                 layers, split into k contiguous ranges (`split_layers`), so each merge frees one copy's layers.
@@ -30,6 +36,8 @@ class MonitorConfig:
     window: int = 30  # samples; "falling" is judged over the whole window
     drop_usage: float = 0.95  # oom_rate
     restore_usage: float = 0.5  # valley_rate
+    min_pipeline_s: float = 5.0  # dwell: seconds in pipeline mode (since the last regroup) before a restore
+    restore_fit_usage: float = 0.8  # the DP pools must hold the used blocks at ≤ this fraction (< drop_usage)
 
 
 class MemoryMonitor:
@@ -37,11 +45,25 @@ class MemoryMonitor:
         self.config = config
         self._samples: deque[float] = deque(maxlen=config.window)
         self._next_sample_at = float("-inf")
+        self._regrouped_at = float("-inf")  # scheduler clock of the last regroup (the dwell counts from it)
+        self._now = float("-inf")  # the last sample's time
 
     @property
     def usage(self) -> float:
         """The last sample (0 before the first)."""
         return self._samples[-1] if self._samples else 0.0
+
+    @property
+    def slope(self) -> float:
+        """Least-squares slope of the window, in usage per sample (0 with fewer than two samples). The authors sum
+        the per-sample rates, which telescopes to last − first and so rests on two noisy samples; the fit weighs all
+        of them, so a window that hovers does not read as falling because its last sample dipped."""
+        n = len(self._samples)
+        if n < 2:
+            return 0.0
+        mean_x, mean_y = (n - 1) / 2, sum(self._samples) / n
+        num = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(self._samples))
+        return num / sum((x - mean_x) ** 2 for x in range(n))
 
     def observe(self, now: float, num_used_blocks: int, num_total_blocks: int) -> bool:
         """Take a sample if one is due at `now` (seconds, the scheduler's clock); True if one was taken."""
@@ -51,12 +73,15 @@ class MemoryMonitor:
             return False
         self._samples.append(num_used_blocks / max(1, num_total_blocks))
         self._next_sample_at = now + self.config.interval_s
+        self._now = now
         return True
 
-    def reset(self) -> None:
-        """Forget the window (after a regroup: the pool changed size, so old samples compare unlike with like,
-        and a drop's sudden fall in usage must not read as "falling" and restore at once)."""
+    def reset(self, now: float) -> None:
+        """A regroup happened at `now`: forget the window (the pool changed size, so old samples compare unlike
+        with like, and a drop's sudden fall in usage must not read as "falling" and restore at once), and start
+        the dwell."""
         self._samples.clear()
+        self._regrouped_at = now
 
     def should_drop(self, num_pending_blocks: int, num_free_blocks: int) -> bool:
         # The authors vote with pending ≥ free alone; with nothing pending a full pool frees itself by finishing
@@ -67,11 +92,17 @@ class MemoryMonitor:
             and num_pending_blocks >= num_free_blocks
         )
 
-    def should_restore(self, num_pending_requests: int) -> bool:
-        """The sum of per-sample rates over the window telescopes to last - first: negative means falling."""
-        if num_pending_requests or len(self._samples) < self.config.window:
+    def should_restore(self, num_pending_requests: int, num_used_blocks: int, num_dp_blocks: int) -> bool:
+        """Restore vote in pipeline mode: `num_used_blocks` of the groups now (a block is block_size tokens of
+        every layer in either mode, so the count carries over), `num_dp_blocks` all data-parallel pools."""
+        c = self.config
+        if num_pending_requests or len(self._samples) < c.window:
             return False
-        return self.usage <= self.config.restore_usage and self._samples[-1] - self._samples[0] < 0
+        if self._now - self._regrouped_at < c.min_pipeline_s - 1e-9:
+            return False
+        if num_used_blocks > c.restore_fit_usage * num_dp_blocks:
+            return False
+        return self.usage <= c.restore_usage and self.slope < 0
 
 
 @dataclass(frozen=True)

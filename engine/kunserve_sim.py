@@ -245,7 +245,9 @@ class _ReplicaSim:
             if not plan.is_empty and self._regroup(list(plan.groups)):
                 self.result.num_drops += 1
                 return True
-        elif any(len(g.replica_ids) > 1 for g in self.groups) and self.monitor.should_restore(len(waiting)):
+        elif any(len(g.replica_ids) > 1 for g in self.groups) and self.monitor.should_restore(
+            len(waiting), num_used, self.config.num_replicas * self.num_blocks
+        ):
             if self._regroup([(i,) for i in range(self.config.num_replicas)]):
                 self.result.num_restores += 1
                 return True
@@ -271,7 +273,7 @@ class _ReplicaSim:
         for (_, ids), move in moves.items():
             adopt(groups[ids].scheduler, move)
         self.groups = sorted(kept + list(groups.values()), key=lambda g: g.replica_ids)
-        self.monitor.reset()
+        self.monitor.reset(start + stall)
         self.result.capacity.append((start + stall, self.total_blocks))
         self.result.regroup_seconds.append(stall)
         return True

@@ -91,6 +91,7 @@ class ReplicaEngine:
         )
         self.layer_bytes = [layer_bytes(layer) for layer in host_layers]
         self.kv_bytes = [r.num_kv_blocks * self.num_layers * self.layer_block_bytes for r in runners]
+        self.num_dp_blocks = sum(r.num_kv_blocks for r in runners)  # all pools in data-parallel mode
         self.groups = [self._dp_group(i) for i in range(len(runners))]
         self._pending: list[TokenDelta] = []
         self._retired = dict.fromkeys(_TOTALS, 0)  # counters of schedulers a regroup replaced
@@ -150,7 +151,7 @@ class ReplicaEngine:
         num_free = num_total - num_used
         if self.param_drop and self.monitor.should_drop(num_pending, num_free):
             self.drop((num_pending - num_free) * self.num_layers * self.layer_block_bytes)
-        elif self.is_pipelined and self.monitor.should_restore(len(waiting)):
+        elif self.is_pipelined and self.monitor.should_restore(len(waiting), num_used, self.num_dp_blocks):
             self.restore()
 
     def drop(self, demand_bytes: int) -> bool:
@@ -203,7 +204,7 @@ class ReplicaEngine:
             runner.forget_generators()
         self.groups = sorted(kept + list(groups.values()), key=lambda g: g.replica_ids)
         self.freed_weight_bytes = sum(self.layer_bytes) * (len(self.runners) - len(self.groups))
-        self.monitor.reset()
+        self.monitor.reset(self.clock())
         return True
 
     def _pool_blocks(self, ids: tuple[int, ...]) -> int:
@@ -330,7 +331,14 @@ def build_replica_engine(config: EngineConfig, check_invariants: bool = False) -
     host = load_weights(resolve_model(config.model.model), dtype=_DTYPES[config.model.dtype], device="cpu")
     param_drop = dev.param_drop == "on" or (dev.param_drop == "auto" and len(runners) >= 2)
     monitor = MemoryMonitor(
-        MonitorConfig(dev.monitor_interval_s, dev.monitor_window, dev.drop_usage, dev.restore_usage)
+        MonitorConfig(
+            dev.monitor_interval_s,
+            dev.monitor_window,
+            dev.drop_usage,
+            dev.restore_usage,
+            dev.min_pipeline_s,
+            dev.restore_fit_usage,
+        )
     )
     engine = ReplicaEngine(
         config, runners, host.layers, param_drop, monitor, check_invariants=check_invariants

@@ -6,6 +6,7 @@ step; the monitor's votes and the drop plan's merges on hand-worked cases."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 
@@ -155,7 +156,9 @@ def test_monitor_drops_under_a_burst_and_restores_after(tiny_llama_dir: Path) ->
     waves = {0: requests("a", 8, seed=3, max_tokens=48), 4: requests("b", 8, seed=4, max_tokens=30)}
     expected = run(make_single(tiny_llama_dir), waves)
     clock = StepClock()
-    engine = make_replicas(tiny_llama_dir, num_blocks=40, monitor=MonitorConfig(window=5), clock=clock)
+    engine = make_replicas(
+        tiny_llama_dir, num_blocks=40, monitor=MonitorConfig(window=5, min_pipeline_s=1.0), clock=clock
+    )
     modes: list[int] = []
     got = run(engine, waves, {i: lambda: modes.append(len(engine.groups)) for i in range(2000)}, clock)
     assert got == expected
@@ -181,7 +184,9 @@ def test_drop_plan_merges_the_smallest_groups() -> None:
 
 
 def test_monitor_votes() -> None:
-    m = MemoryMonitor(MonitorConfig(interval_s=0.1, window=3, drop_usage=0.95, restore_usage=0.5))
+    m = MemoryMonitor(
+        MonitorConfig(interval_s=0.1, window=3, drop_usage=0.95, restore_usage=0.5, min_pipeline_s=0.0)
+    )
     assert m.observe(0.0, 96, 100) and not m.observe(0.05, 10, 100)  # one sample per interval
     assert m.usage == 0.96
     assert m.should_drop(num_pending_blocks=4, num_free_blocks=4)
@@ -189,18 +194,72 @@ def test_monitor_votes() -> None:
     assert not m.should_drop(num_pending_blocks=0, num_free_blocks=0)  # nothing pending
     m.observe(0.1, 94, 100)
     assert not m.should_drop(num_pending_blocks=10, num_free_blocks=6)  # under 95 %
-    m.reset()
+    m.reset(0.5)
     for t, used in ((0.0, 50), (0.1, 45), (0.2, 40)):
-        assert not m.should_restore(0)  # fewer samples than the window
+        assert not m.should_restore(0, used, 100)  # fewer samples than the window
         m.observe(t + 1, used, 100)
-    assert m.should_restore(0)
-    assert not m.should_restore(num_pending_requests=1)
+    assert m.should_restore(0, 40, 100)
+    assert not m.should_restore(1, 40, 100)  # something pending
+    assert not m.should_restore(0, 40, 49)  # the data-parallel pools would be 82 % full (> 80 %)
     m.observe(2.0, 45, 100)  # window 45, 40, 45: not falling
-    assert not m.should_restore(0)
-    m.reset()
+    assert not m.should_restore(0, 45, 100)
+    m.reset(2.5)
     for t, used in ((0.0, 70), (0.1, 60), (0.2, 55)):  # falling but above 50 %
         m.observe(t + 3, used, 100)
-    assert not m.should_restore(0)
+    assert not m.should_restore(0, 55, 100)
+    # The fall is judged by the window's least-squares slope, not by its two end samples.
+    m = MemoryMonitor(MonitorConfig(window=5, min_pipeline_s=0.0))
+    for t, used in enumerate(
+        (300, 310, 320, 330, 295)
+    ):  # rising, then one dip: last < first, yet not falling
+        m.observe(t, used, 1000)
+    assert m.slope > 0 and not m.should_restore(0, 295, 1000)
+    for t, used in enumerate((300, 200, 100, 310)):  # falling, then one blip: last > first, yet falling
+        m.observe(t + 10, used, 1000)
+    assert m.slope < 0 and m.should_restore(0, 310, 1000)
+
+
+def replay_usage(
+    config: MonitorConfig, demand: list[float], dp_blocks: int = 100, pipeline_blocks: int = 250
+) -> list[tuple[float, str]]:
+    """Drive the monitor with a scripted demand (blocks wanted, one value per 0.1 s sample): the pools hold
+    min(demand, capacity), the rest is pending; drop and restore on its votes. Returns the transitions."""
+    monitor, pipelined, transitions = MemoryMonitor(config), False, []
+    for i, wanted in enumerate(demand):
+        now = i * config.interval_s
+        capacity = pipeline_blocks if pipelined else dp_blocks
+        used, pending = min(wanted, capacity), max(0.0, wanted - capacity)
+        monitor.observe(now, int(used), capacity)
+        if not pipelined and monitor.should_drop(int(pending), capacity - int(used)):
+            pipelined = True
+        elif pipelined and monitor.should_restore(int(pending > 0), int(used), dp_blocks):
+            pipelined = False
+        else:
+            continue
+        monitor.reset(now)
+        transitions.append((now, "drop" if pipelined else "restore"))
+    return transitions
+
+
+def test_restore_hysteresis_does_not_flap_on_a_hovering_trace() -> None:
+    """A burst (demand 60 -> 130 blocks over 100 DP blocks), 40 s hovering between 85 and 120 blocks (pipeline
+    usage 34-48 %: under restore_usage, so the bare rule restores whenever the window tilts down, and the DP pools
+    overflow at once), then a fall to 30 blocks. The bare rule flaps; with the dwell and the fit check the monitor
+    drops once and restores once, after the fall."""
+    rng = random.Random(0)
+    demand = [60 + 70 * i / 50 for i in range(50)]
+    demand += [102 + 12 * math.sin(i / 15) + rng.uniform(-5, 5) for i in range(400)]
+    demand += [100 - 70 * i / 50 for i in range(50)] + [30] * 100
+    bare = MonitorConfig(min_pipeline_s=0.0, restore_fit_usage=float("inf"))
+    flapping = replay_usage(bare, demand)
+    assert sum(kind == "drop" for _, kind in flapping) >= 3
+    steady = replay_usage(MonitorConfig(), demand)
+    assert [kind for _, kind in steady] == ["drop", "restore"]
+    assert steady[1][0] >= 45.0  # after the fall, not during the hover
+    # The dwell alone: a spike that vanishes at once restores only min_pipeline_s after the drop.
+    spike = [60 + 70 * i / 20 for i in range(20)] + [40 - i / 10 for i in range(200)]  # keeps falling
+    (dropped_at, _), (restored_at, _) = replay_usage(MonitorConfig(window=5, min_pipeline_s=5.0), spike)
+    assert restored_at - dropped_at >= 5.0 - 1e-9
 
 
 def test_block_bytes_match_the_layout(tiny_llama_dir: Path) -> None:
