@@ -82,6 +82,7 @@ def apply_top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[flo
     mass_above = probs.cumsum(dim=-1) - probs  # exclusive
     no_p = p_t >= 1.0
     keep = (mass_above < p_t[:, None]) | no_p[:, None]
+    keep[:, 0] = True  # the top token, also when p underflows to 0 in float32 (top_p=1e-45 is a valid request)
     out = torch.full_like(x, float("-inf")).scatter_(1, indices, values.masked_fill(~keep, float("-inf")))
     if (untouched := no_p & (k_t == vocab)).any():  # neither filter on for these rows
         out[untouched] = x[untouched]
@@ -98,7 +99,9 @@ def _top_k_top_p_sorted(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> to
         torch.arange(x.shape[1], device=x.device)[None, :] >= k[:, None], float("-inf")
     )
     probs = sorted_x.softmax(dim=-1)
-    sorted_x = sorted_x.masked_fill(probs.cumsum(dim=-1) - probs >= p[:, None], float("-inf"))
+    drop = probs.cumsum(dim=-1) - probs >= p[:, None]
+    drop[:, 0] = False  # the top token always stays
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(1, order, sorted_x)
 
 

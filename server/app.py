@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -23,7 +25,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -38,7 +40,13 @@ from server.config import ServerConfig
 from server.generation import EngineClientLike, Generation, complete, run_unless_disconnected, sse_response
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import Metrics
-from server.schema import GenerationParams, RequestError, parse_chat_request, parse_completion_request
+from server.schema import (
+    GenerationParams,
+    RequestError,
+    parse_chat_request,
+    parse_completion_request,
+    prefix_cache_salt,
+)
 from server.status import RollingWindow, status_body
 from server.tokenizer import Tokenizer
 
@@ -208,13 +216,16 @@ async def engine_stats(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; empty until the engine is ready. No auth, as vLLM's /metrics."""
+    """Prometheus text format; empty until the engine is ready. No auth, as vLLM's /metrics, unless
+    --protect-observability."""
+    _check_observability_auth(request)
     body = request.app.state.metrics.render() if request.app.state.metrics is not None else b""
     return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
 async def status(request: Request) -> Response:
     """The status page's data: the engine's last pushed stats and the server's rolling aggregates."""
+    _check_observability_auth(request)
     app = request.app
     client: EngineClientLike = app.state.client
     body = status_body(
@@ -298,7 +309,7 @@ async def _generate(
 ) -> Response:
     app = request.app
     ready = _require_ready(app)
-    max_tokens = _max_tokens(len(prompt_ids), params.max_tokens, ready.max_model_len, is_chat)
+    max_tokens = _max_tokens(len(prompt_ids), params.max_tokens, ready, is_chat)
     tagger: LengthTagger = app.state.predictor
     tagged = tagger.tag(text, len(prompt_ids), num_messages, max_tokens)
     sampling = params.sampling(max_tokens)
@@ -324,6 +335,9 @@ async def _generate(
         app_id=identity.app_id,
         slo_class=identity.slo_class,
         priority=identity.priority,
+        cache_salt=prefix_cache_salt(
+            app.state.config.prefix_cache_isolation, identity.tenant, params.cache_salt
+        ),
         rl_mean=rl_mean,
         rl_q=rl_q,
         app_type=identity.app_type,
@@ -356,8 +370,13 @@ async def _generate(
             ticket.release()
 
 
-def _max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: int, is_chat: bool) -> int:
+def _max_tokens(num_prompt_tokens: int, requested: int | None, ready: Ready, is_chat: bool) -> int:
+    """The max_tokens the engine gets. prompt + max_tokens must fit the context and the KV blocks one request can
+    ever hold, or it is a 400 now: the engine would refuse it (without that check, a request larger than the
+    pool preempts itself forever, vllm#39734). Not given: whatever fits both (vLLM's default is the context)."""
     where = "messages" if is_chat else "prompt"
+    max_model_len = ready.max_model_len
+    max_kv_tokens = _max_kv_tokens(ready)
     if num_prompt_tokens == 0:
         raise RequestError("the prompt is empty after tokenization", where)
     if num_prompt_tokens >= max_model_len:
@@ -366,8 +385,14 @@ def _max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: in
             f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
             where,
         )
+    if num_prompt_tokens >= max_kv_tokens:
+        raise RequestError(
+            f"The KV cache holds at most {max_kv_tokens} tokens of one request, and your request has "
+            f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
+            where,
+        )
     if requested is None:
-        return max_model_len - num_prompt_tokens  # vLLM: whatever fits
+        return min(max_model_len, max_kv_tokens) - num_prompt_tokens  # vLLM: whatever fits
     if num_prompt_tokens + requested > max_model_len:
         raise RequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -375,7 +400,21 @@ def _max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: in
             f"completion). Please reduce the length of the {where} or completion.",
             "max_tokens",
         )
+    if num_prompt_tokens + requested > max_kv_tokens:
+        raise RequestError(
+            f"The KV cache holds at most {max_kv_tokens} tokens of one request ({ready.block_size}-token "
+            f"blocks). However, you requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in "
+            f"the {where}, {requested} in the completion). Please reduce the length of the {where} or "
+            "completion.",
+            "max_tokens",
+        )
     return requested
+
+
+def _max_kv_tokens(ready: Ready) -> int:
+    """Tokens of KV one request can ever hold (whole blocks); unbounded when the engine reports no pool."""
+    num_blocks = ready.max_blocks_per_request or ready.num_kv_blocks
+    return num_blocks * ready.block_size if num_blocks > 0 and ready.block_size > 0 else 2**63 - 1
 
 
 # ---- checks and errors --------------------------------------------------------------------------------
@@ -399,9 +438,21 @@ def _require_ready(app: Starlette) -> Ready:
 
 
 def _check_auth(request: Request) -> None:
-    key = request.app.state.config.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
+    """`Authorization: Bearer <key>` when --api-key is set. Both sides are hashed, then compared in constant time,
+    so neither the key's characters nor its length leak through response timing."""
+    if not (key := request.app.state.config.api_key):
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(given.strip().encode()).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest()):
         raise RequestError("invalid or missing API key", status=401)
+
+
+def _check_observability_auth(request: Request) -> None:
+    """/status and /metrics need the key too with --protect-observability (the page at / and static/ hold no
+    data and stay open; the page sends the key it was opened with, /?key=...)."""
+    if request.app.state.config.protect_observability:
+        _check_auth(request)
 
 
 def _check_model(app: Starlette, params: GenerationParams) -> None:
@@ -410,11 +461,33 @@ def _check_model(app: Starlette, params: GenerationParams) -> None:
 
 
 async def _read_json(request: Request) -> Any:
-    body = await request.body()
+    body = await _read_body(request, request.app.state.config.max_request_body_bytes)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from exc
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to pass `limit` bytes (0 = no limit): from Content-Length before
+    reading a byte, then by counting while reading, since a chunked body has no length and a client may lie."""
+    too_large = RequestError(f"the request body is larger than {limit} bytes", status=413)
+    declared = request.headers.get("content-length")
+    if declared is not None and not (declared.isascii() and declared.isdigit()):
+        raise RequestError(f"invalid Content-Length header {declared[:40]!r}")
+    if limit and declared is not None and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    num_bytes = 0
+    try:
+        async for chunk in request.stream():
+            num_bytes += len(chunk)
+            if limit and num_bytes > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError("the client disconnected while sending the body", status=499) from None
+    return b"".join(chunks)
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -424,6 +497,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 def _error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
     if exc.status in (429, 503):
         headers = {**(headers or {}), "Retry-After": "1"}
+    if exc.status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return _json(sse.error_body(exc.message, exc.type, exc.param, exc.status), exc.status, headers)
 
 

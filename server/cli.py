@@ -16,6 +16,7 @@ from engine.policy import POLICIES
 from engine.slo import build_slo_table
 from predictor.length_source import LENGTH_SOURCES
 from server.config import ServerConfig
+from server.schema import PREFIX_CACHE_ISOLATION
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         overload.add_argument(flag, type=_non_negative_int, default=0, metavar="N", help=what)
 
+    security = parser.add_argument_group("security and limits (README: Security)")
+    security.add_argument(
+        "--protect-observability",
+        action="store_true",
+        help="require the --api-key on /status and /metrics too (open by default, as vLLM's /metrics); "
+        "the status page then needs /?key=<key>",
+    )
+    security.add_argument(
+        "--max-request-body-bytes",
+        type=_non_negative_int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="larger request bodies get HTTP 413, refused while reading (0 = no limit; default 8 MiB)",
+    )
+    security.add_argument(
+        "--prefix-cache-isolation",
+        choices=PREFIX_CACHE_ISOLATION,
+        default="tenant",
+        help="tenant: cached prefix blocks are shared only within a tenant (the default); none: by everyone. "
+        "A request's `cache_salt` narrows sharing further either way",
+    )
+
 
 def _non_negative_int(text: str) -> int:
     value = int(text)
@@ -298,6 +321,9 @@ def serve(args: argparse.Namespace) -> int:
         served_model_names=names,
         tokenizer_path=str(model_dir),
         api_key=args.api_key,
+        protect_observability=args.protect_observability,
+        max_request_body_bytes=args.max_request_body_bytes,
+        prefix_cache_isolation=args.prefix_cache_isolation,
         slo_classes=slo_classes,
         log_level=args.log_level,
         predictor=args.predictor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.schema import DEFAULT_SLO_CLASSES
+from server.schema import DEFAULT_SLO_CLASSES, PREFIX_CACHE_ISOLATION
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,11 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ("default",)
     tokenizer_path: str = ""  # the model directory (its tokenizer files)
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <key>`
+    # Security and limits (README "Security"): /status and /metrics need the key too; a body over this many bytes
+    # is a 413 (0 = no limit); prefix-cache blocks are shared within a tenant only ("tenant") or by all ("none").
+    protect_observability: bool = False
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    prefix_cache_isolation: str = "tenant"
     slo_classes: tuple[str, ...] = DEFAULT_SLO_CLASSES
     ready_timeout_s: float = 600.0  # model load + KV pool allocation + warm-up
     log_level: str = "info"
@@ -38,6 +43,14 @@ class ServerConfig:
     max_queued_tokens: int = 0
     max_queued_requests_per_tenant: int = 0
     max_queued_tokens_per_tenant: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefix_cache_isolation not in PREFIX_CACHE_ISOLATION:
+            raise ValueError(
+                f"prefix_cache_isolation must be one of {PREFIX_CACHE_ISOLATION}, got {self.prefix_cache_isolation!r}"
+            )
+        if self.max_request_body_bytes < 0:
+            raise ValueError(f"max_request_body_bytes must be >= 0, got {self.max_request_body_bytes}")
 
     def tenant_weight(self, tenant: str) -> float:
         return dict(self.tenant_weights).get(tenant, 1.0)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from engine.protocol import APP_TYPES, SamplingParams
 from engine.slo import DEFAULT_SLO_TARGETS
 
@@ -18,6 +20,10 @@ ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM any number. 16 keeps the server-side matcher cheap.
 MAX_METADATA_PAIRS = 16
 MAX_SEED = 2**63 - 1
+MAX_INT = 2**63 - 1  # every integer field fits a signed 64-bit int (the codec and torch take nothing wider)
+MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32 (engine/codec.py)
+MAX_CACHE_SALT_CHARS = 1024
+PREFIX_CACHE_ISOLATION = ("tenant", "none")  # --prefix-cache-isolation
 MAX_APP_REQUESTS = 100_000  # metadata.app_num_requests: an app's declared size, a sanity cap
 
 # OpenAI's service_tier values mapped onto our SLO classes. "flex" is OpenAI's cheap, slow tier; "batch" is ours.
@@ -37,6 +43,7 @@ ERROR_TYPES = {  # status -> the error `type` (vLLM names its exception classes;
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
     500: "InternalServerError",
     503: "unavailable_error",
 }
@@ -99,6 +106,7 @@ class GenerationParams:
     stream: bool = False
     include_usage: bool = False
     continuous_usage_stats: bool = False
+    cache_salt: str | None = None  # vLLM's field: only requests with the same salt share prefix-cache blocks
     identity: Identity = Identity()
 
     def sampling(self, max_tokens: int) -> SamplingParams:
@@ -214,6 +222,17 @@ def _parse_app_num_requests(value: str | None) -> int:
     return int(text)
 
 
+def prefix_cache_salt(isolation: str, tenant: str, cache_salt: str | None) -> str:
+    """AddRequest.cache_salt, which engine/block_manager.py mixes into the first block's hash (and so the whole
+    chain): only requests with the same salt share cached blocks. isolation "tenant" (the default) salts with
+    the tenant, so one tenant cannot learn another's prompts from how fast a guess is served; a request's own
+    cache_salt narrows sharing further. The JSON array keeps ("a", "b|c") and ("a|b", "c") apart."""
+    parts = [tenant] if isolation == "tenant" else []
+    if cache_salt is not None:
+        parts.append(cache_salt)
+    return orjson.dumps(parts).decode() if parts else ""
+
+
 # ---- pieces ----------------------------------------------------------------------------------------------
 
 
@@ -254,6 +273,9 @@ def _parse_params(
         raise RequestError("seed must fit in a signed 64-bit integer", "seed")
     stream = _optional_bool(body, "stream")
     include_usage, continuous = _parse_stream_options(body.get("stream_options"), stream)
+    cache_salt = _optional_str(body, "cache_salt")
+    if cache_salt is not None and not 0 < len(cache_salt) <= MAX_CACHE_SALT_CHARS:
+        raise RequestError(f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
     return GenerationParams(
         model=model,
         max_tokens=max_tokens,
@@ -268,6 +290,7 @@ def _parse_params(
         stream=stream,
         include_usage=include_usage,
         continuous_usage_stats=continuous,
+        cache_salt=cache_salt,
         identity=parse_identity(body, headers, slo_classes),
     )
 
@@ -347,8 +370,11 @@ def _parse_stop(value: Any) -> tuple[str, ...]:
 def _parse_stop_token_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(_is_int(t) and t >= 0 for t in value):
-        raise RequestError("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
+    if not isinstance(value, list) or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in value):
+        raise RequestError(
+            f"stop_token_ids must be a list of token ids (integers from 0 to {MAX_TOKEN_ID})",
+            "stop_token_ids",
+        )
     return tuple(value)
 
 
@@ -393,6 +419,8 @@ def _optional_int(body: Mapping[str, Any], key: str) -> int | None:
         value = int(value)
     if not _is_int(value):
         raise RequestError(f"{key} must be an integer, got {value!r}", key)
+    if not -MAX_INT - 1 <= value <= MAX_INT:
+        raise RequestError(f"{key} must fit in a signed 64-bit integer", key)
     return value
 
 

@@ -5,6 +5,18 @@
 const POLL_MS = 1000;
 const $ = (id) => document.getElementById(id);
 
+// With --protect-observability, /status needs the API key: open the page as /?key=<key>. The key is kept in
+// sessionStorage (this tab only) and taken out of the address bar, so it does not stay in the history.
+const API_KEY = (() => {
+  const params = new URLSearchParams(location.search);
+  const key = params.get("key");
+  if (key === null) return sessionStorage.getItem("kairos-key");
+  sessionStorage.setItem("kairos-key", key);
+  params.delete("key");
+  history.replaceState(null, "", location.pathname + (params.size ? `?${params}` : ""));
+  return key;
+})();
+
 // ---- formatting ---------------------------------------------------------------------------------------------
 
 function fmtInt(n) {
@@ -233,7 +245,9 @@ function render(s) {
 async function poll() {
   const started = performance.now();
   try {
-    const response = await fetch("/status", { cache: "no-store" });
+    const headers = API_KEY ? { Authorization: `Bearer ${API_KEY}` } : {};
+    const response = await fetch("/status", { cache: "no-store", headers });
+    if (response.status === 401) throw new Error("HTTP 401: open this page as /?key=<API key>");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
   } catch (err) {
