@@ -61,6 +61,7 @@ class RwtBalancer:
         self.estimator = RwtEstimator(quantile)
 
     def place(self, request: Request, schedulers: list[Scheduler]) -> Placement:
+        schedulers[0].resolve_model(request)  # "" = the first model, as the waiting requests were named
         waits = tuple(self.waits(request, schedulers))
         best = min(range(len(schedulers)), key=lambda i: (waits[i], load_key(schedulers[i])))
         key = group_key(request)

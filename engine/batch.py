@@ -46,6 +46,8 @@ class SchedulerOutput:
     # QLM eviction (engine/swap.py): KV block copies the runner makes before the forward pass, swap-outs first.
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    # QLM model swapping (engine/model_swap.py): load this model's weights after the swaps, before the forward pass.
+    load_model: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -54,7 +56,7 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         """Nothing for the runner: no tokens and no KV to move (a lone swap-out must still run)."""
-        return not self.scheduled and not self.swap_out and not self.swap_in
+        return not self.scheduled and not self.swap_out and not self.swap_in and not self.load_model
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,4 @@ class ModelOutput:
 
     sampled: dict[str, int]
     elapsed_seconds: float = 0.0
+    model_load_seconds: float = 0.0  # the SchedulerOutput's load_model took this long (0: none asked)

@@ -55,6 +55,10 @@ class ModelConfig:
     served_model_name: str = ""
     dtype: str = "float32"
     max_model_len: int = 0  # 0 = the model's own max_position_embeddings (capped at 8192)
+    # QLM model swapping (engine/model_swap.py): more models of the same shape on the replica, kept in host memory
+    # until swapped in, and the names requests use for them (`kairos serve --model A --model B`).
+    extra_models: tuple[str, ...] = ()
+    extra_served_model_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

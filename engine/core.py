@@ -125,6 +125,7 @@ def slo_extra(scheduler: Scheduler) -> dict[str, float]:
     return scheduler.policy.slo.gauges() | {
         "num_swaps_total": float(scheduler.num_swaps_total),
         "num_evictions_total": float(scheduler.num_evictions_total),
+        "model_swaps_total": float(scheduler.num_model_swaps_total),
     }
 
 
@@ -165,6 +166,9 @@ def build_scheduler(
         clock,
         # Host swap space for QLM eviction, where the runner has one (its bandwidth measured at start-up).
         SwapSpace(getattr(runner, "num_host_blocks", 0), getattr(runner, "swap_seconds_per_block", 0.0)),
+        # The models it serves (QLM model swapping), the first resident, with their measured load times.
+        getattr(runner, "model_names", (runner.model_name,)),
+        getattr(runner, "model_load_seconds", {}),
     )
 
 
@@ -172,6 +176,10 @@ def build_engine_core(config: EngineConfig, check_invariants: bool = False) -> E
     """Load the model (this takes seconds) and wire the scheduler to it. With several replicas (KunServe), the
     core is a ReplicaEngine (engine/replicas.py) with the same five methods."""
     if config.device.replicas > 1 or "," in config.device.device:
+        if config.model.extra_models:
+            raise ValueError(
+                "several models (model swapping) are served on one replica only, not with --replicas"
+            )
         from engine.replicas import build_replica_engine
 
         return build_replica_engine(config, check_invariants)

@@ -10,6 +10,8 @@
   - `swaps`: whether a preempted request's KV may go to host memory when that is cheaper (engine/swap.py);
   - a `Balancer` (engine/balance.py): which replica group a new request joins when the engine has several
     (least loaded; QLM's RWT balancer for qlm and kairos);
+  - a `ModelChoice` (engine/model_swap.py): with several models on a replica, whether a step stays on the resident
+    model, drains it or swaps to another (FCFS by default; QLM's deadline-driven choice for qlm and kairos);
   - two rules of the admission loop: how many waiting requests may fail to fit before it stops
     (`admission_window`; 1 is vLLM's head-of-line blocking), and whether it admits in a step that preempted.
 
@@ -26,6 +28,7 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.fairness import JustitiaOrder, VtcCounters
 from engine.kv_ledger import KVLedger, LedgerConfig, NoReservations
+from engine.model_swap import FcfsModels, ModelChoice, QlmModels
 from engine.ordering import (
     EcoServeOrder,
     EdfOrder,
@@ -64,6 +67,8 @@ class SchedulingPolicy:
     slo: SloMonitor = field(default_factory=NoSloMonitor)  # QLM's violation check; meters all steps
     swaps: bool = False  # preemption may swap KV to host memory (engine/swap.py) instead of recomputing
     balancer: Balancer = LeastLoaded()  # across replica groups (engine/replicas.py); one group: never asked
+    # Several models on a replica: stay, drain or swap (engine/model_swap.py).
+    models: ModelChoice = FcfsModels()
 
 
 def _no_reservations(block_manager: BlockManager, max_model_len: int) -> NoReservations:
@@ -169,6 +174,7 @@ def qlm(config: SchedulerConfig) -> SchedulingPolicy:
         slo=monitor,
         swaps=True,
         balancer=RwtBalancer(config.qlm_quantile),
+        models=QlmModels(),
     )
 
 
@@ -187,7 +193,8 @@ def kairos(config: SchedulerConfig) -> SchedulingPolicy:
       - observer: the fair order (Justitia's virtual time sees capacity, arrivals, service, finishes);
       - slo: the QLM monitor (violation check every `qlm_tick_s`, step meter); swaps as qlm: an evicted
         request's KV goes to host memory when that is cheaper than recomputing it;
-      - balancer: QLM's RWT balancer across replica groups, as qlm (engine/balance.py).
+      - balancer and models: QLM's RWT balancer across replica groups and its deadline-driven model swaps, as
+        qlm (engine/balance.py, engine/model_swap.py).
 
     Left out: EcoServe's own GT/PT ordering (Justitia's order replaces it) and KunServe's drop, which lives in
     the replica layer (engine/kunserve.py, engine/replicas.py), not in a single scheduler's policy."""
@@ -208,6 +215,7 @@ def kairos(config: SchedulerConfig) -> SchedulingPolicy:
         slo=monitor,
         swaps=True,
         balancer=RwtBalancer(config.qlm_quantile),
+        models=QlmModels(),
     )
 
 

@@ -10,6 +10,7 @@ lengths of one order of magnitude.
 RWT of the group at position k (the CLT bound of papers.md §4.4, not the public code's `n · 100 / Θ`):
 
     W_k = (Σ_{j<k} Σ_{i∈g_j} μ_i  +  z_q · sqrt(Σ_{j<k} Σ_{i∈g_j} σ_i²)) / Θ  +  Σ_{j≤k} swap-in seconds of g_j
+                                                                             (+ model load seconds, see below)
 
     with the running requests' remaining work as a group 0 ahead of everyone: in a continuous-batching engine
     the queue waits for running work too (QLM's pull model hides it inside vLLM's own queue). A request that can
@@ -21,6 +22,10 @@ RWT of the group at position k (the CLT bound of papers.md §4.4, not the public
     z_q     the estimator's quantile (default 0.99: z = 2.326)
     Θ       generated tokens per busy second, an EWMA over the scheduler's steps (on its clock: virtual in the
             simulator); before the first step nothing is known and W = 0 (no false alarms at start-up)
+
+With several models on the replica (engine/model_swap.py), the queue is taken in the order it will be served, the
+resident model's groups first, and each model change on the way adds that model's measured load time
+(`add_model_loads`).
 
 Violation check (every `tick_s` of scheduler clock): a group is urgent when `now + W_k` passes its earliest
 member's next deadline (engine/request.py `next_deadline`). The public code ages only `request.slo` yet compares
@@ -109,6 +114,24 @@ def running_group(running: list[Request]) -> RequestGroup:
     return in_flight
 
 
+def add_model_loads(
+    queue: list[RequestGroup], resident_model: str, load_seconds: dict[str, float]
+) -> list[RequestGroup]:
+    """The virtual queue in the order a replica with several models serves it (engine/model_swap.py): the resident
+    model's groups first, then each other model's, in FCFS order of their first group; the first group of each
+    other model carries that model's load time, so W_k includes every swap before group k (papers.md §4.4)."""
+    rank = {resident_model: -1}
+    for group in queue:
+        rank.setdefault(group.key.model, len(rank))
+    ordered = sorted(queue, key=lambda g: rank[g.key.model])
+    loaded = {resident_model}
+    for group in ordered:
+        if group.key.model not in loaded:
+            group.swap_in_s += load_seconds.get(group.key.model, 0.0)
+            loaded.add(group.key.model)
+    return ordered
+
+
 class RwtEstimator:
     """W_k for every group of a virtual queue (module docstring), at quantile `quantile` of the CLT bound."""
 
@@ -168,7 +191,13 @@ class SloMonitor(Protocol):
     urgent_ids: set[str] | frozenset[str]  # requests found urgent at the last tick
 
     def tick(
-        self, now: float, waiting: list[Request], running: list[Request], swap_seconds_per_block: float
+        self,
+        now: float,
+        waiting: list[Request],
+        running: list[Request],
+        swap_seconds_per_block: float,
+        resident_model: str = "",
+        load_seconds: dict[str, float] | None = None,
     ) -> None: ...
 
     def is_urgent(self, request: Request) -> bool: ...
@@ -184,7 +213,13 @@ class NoSloMonitor:
         self.urgent_ids: frozenset[str] = frozenset()
 
     def tick(
-        self, now: float, waiting: list[Request], running: list[Request], swap_seconds_per_block: float
+        self,
+        now: float,
+        waiting: list[Request],
+        running: list[Request],
+        swap_seconds_per_block: float,
+        resident_model: str = "",
+        load_seconds: dict[str, float] | None = None,
     ) -> None:
         pass
 
@@ -225,13 +260,21 @@ class QlmMonitor:
         }
 
     def tick(
-        self, now: float, waiting: list[Request], running: list[Request], swap_seconds_per_block: float
+        self,
+        now: float,
+        waiting: list[Request],
+        running: list[Request],
+        swap_seconds_per_block: float,
+        resident_model: str = "",
+        load_seconds: dict[str, float] | None = None,
     ) -> None:
         if now - self._last_tick < self.tick_s:
             return
         self._last_tick = now
         self._log_actual_waits()
         queue = form_groups(sorted(waiting, key=lambda r: r.queued_time), swap_seconds_per_block)
+        if load_seconds:
+            queue = add_model_loads(queue, resident_model, load_seconds)
         theta = self.meter.tokens_per_s.value
         in_flight = running_group(running)
         waits = self.estimator.waits(queue, theta, in_flight)

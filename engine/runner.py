@@ -1,7 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass and one sampled token per request that needs one.
 
-It owns the weights, the KV pool (sized here from the memory budget), the host swap pool (QLM eviction) and the
-per-request seeded generators; nothing else survives a step. The scheduler owns block tables: the runner writes
+It owns the weights, the KV pool (sized here from the memory budget), the host swap pool (QLM eviction), the host
+copies of every served model's weights when it serves several (QLM model swapping: one model's weights are
+resident, `load_model` copies another's in) and the per-request seeded generators; nothing else survives a step. The scheduler owns block tables: the runner writes
 K/V wherever block_ids say, and copies blocks to and from the host pool where swap_out / swap_in say.
 """
 
@@ -21,7 +22,7 @@ from engine.model import ForwardBatch, KVCache, PagedLlama
 from engine.model_store import resolve_model
 from engine.protocol import SamplingParams
 from engine.sampler import sample
-from engine.weights import load_weights
+from engine.weights import ModelWeights, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         weights = load_weights(model_dir, dtype=dtype, device=self.device)
         self.model = PagedLlama(weights, decode_backend)
+        self.model_names = (self.model_name, *model_config.extra_served_model_names)
+        self.resident_model = self.model_name
+        # Several models: each one's weights in host memory, and the measured seconds to copy them in.
+        self.host_weights: dict[str, ModelWeights] = {}
+        self.model_load_seconds: dict[str, float] = {}
+        if model_config.extra_models:
+            self._load_host_models(model_config, model_dir, dtype)
         arch = weights.arch
         self.vocab_size = arch.vocab_size
         self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids
@@ -145,6 +153,37 @@ class ModelRunner:
             return cfg.device_memory - weight_bytes - ACTIVATION_RESERVE_BYTES
         return CPU_DEFAULT_KV_BYTES
 
+    # ---- model swapping (QLM, engine/model_swap.py) ---------------------------------------------------------
+
+    def _load_host_models(self, config: ModelConfig, model_dir, dtype: torch.dtype) -> None:
+        """Every model's weights in host memory (the first one's too: a swap overwrites the resident tensors), then
+        each loaded once to time it, the first one last so it is resident at the end."""
+        if len(config.extra_models) != len(config.extra_served_model_names):
+            raise ValueError("every extra model needs a served name")
+        if len(set(self.model_names)) != len(self.model_names):
+            raise ValueError(f"served model names must differ: {self.model_names}")
+        paths = [model_dir] + [resolve_model(spec) for spec in config.extra_models]
+        for name, path in zip(self.model_names, paths, strict=True):
+            host = load_weights(path, dtype=dtype, device="cpu")
+            if host.arch != self.model.arch:
+                raise ValueError(
+                    f"model {name!r} ({path}) differs in architecture or shape from {self.model_name!r}: the models "
+                    "of one replica must share one (fine-tuned variants of one base), so the KV pool keeps its layout"
+                )
+            self.host_weights[name] = host
+        for name in reversed(self.model_names):
+            self.model_load_seconds[name] = self.load_model(name)
+
+    def load_model(self, name: str) -> float:
+        """Copy `name`'s weights from host memory into the resident tensors: the shapes are equal, so the KV pool, the
+        kernels and any captured CUDA graphs stay valid. Returns the seconds it took (the swap cost QLM estimates)."""
+        t0 = time.perf_counter()
+        copy_weights(self.host_weights[name], self.model.weights)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        self.resident_model = name
+        return time.perf_counter() - t0
+
     # ---- swap (QLM eviction) ---------------------------------------------------------------------------------
 
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
@@ -182,8 +221,11 @@ class ModelRunner:
             # Preempted requests keep their generator: they are recomputed and go on sampling from it.
             self._generators.pop(request_id, None)
         self.swap(out.swap_out, out.swap_in)
-        if not out.scheduled:  # a step may only move KV
-            return ModelOutput(sampled={}, elapsed_seconds=time.perf_counter() - t0)
+        load_s = self.load_model(out.load_model) if out.load_model else 0.0
+        if not out.scheduled:  # a step may only move KV or load a model
+            return ModelOutput(
+                sampled={}, elapsed_seconds=time.perf_counter() - t0, model_load_seconds=load_s
+            )
         # Prefill chunks first, then single-token requests (decodes) as one batched attention call.
         prefills = [r for r in out.scheduled if r.num_tokens > 1]
         decodes = [r for r in out.scheduled if r.num_tokens == 1]
@@ -193,11 +235,11 @@ class ModelRunner:
             batch = build_forward_batch([], decodes, self.block_size, "cpu")
             if graphs.can_run(batch):
                 sampled = self.sample_tokens(graphs.run(batch), decodes)
-                return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
+                return ModelOutput(sampled, time.perf_counter() - t0, load_s)
         batch = build_forward_batch(prefills, decodes, self.block_size, self.device)
         logits = self.model(batch, self.kv_cache)
         sampled = self.sample_tokens(logits, ordered)
-        return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)
+        return ModelOutput(sampled, time.perf_counter() - t0, load_s)
 
     def _live_decode_graphs(self) -> DecodeGraphs | None:
         """The captured graphs, while they still point at this runner's KV pool. A KunServe regroup reallocates
@@ -268,6 +310,18 @@ class ModelRunner:
         elapsed = time.perf_counter() - t0
         logger.info("warm-up done in %.1fs", elapsed)
         return elapsed
+
+
+def copy_weights(src: ModelWeights, dst: ModelWeights) -> None:
+    """Every tensor of `src` into its twin in `dst` (same architecture and shape); a tied lm_head once."""
+    pairs = [(src.embed, dst.embed), (src.norm, dst.norm)]
+    if dst.lm_head is not dst.embed:
+        pairs.append((src.lm_head, dst.lm_head))
+    for src_layer, dst_layer in zip(src.layers, dst.layers, strict=True):
+        pairs += [(getattr(src_layer, name), t) for name, t in vars(dst_layer).items() if t is not None]
+    with torch.no_grad():
+        for s, d in pairs:
+            d.copy_(s)
 
 
 def build_forward_batch(

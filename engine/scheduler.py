@@ -1,10 +1,12 @@
 """The scheduler: continuous batching with one per-step token budget, chunked prefill mixed with decodes,
-prefix caching and preemption by recompute or swap. Torch-free. The loop has no policy branches: the policy's small
+prefix caching, preemption by recompute or swap, and model swapping between several models of one shape
+(engine/model_swap.py). Torch-free. The loop has no policy branches: the policy's small
 objects decide the order (engine/ordering.py), admission by reservation (engine/kv_ledger.py) and victims
 (engine/pressure.py); see engine/policy.py.
 
 One step:
-    schedule() -> SchedulerOutput      running requests first, in the ordering's order (one decode token, or the
+    schedule() -> SchedulerOutput      with several models: the policy's model choice (stay, drain, swap); then
+                                       running requests first, in the ordering's order (one decode token, or the
                                        next prefill chunk), preempting the victim selector's choice when KV runs
                                        out; then waiting requests, in the ordering's order, while the token
                                        budget and max_num_seqs allow and the ledger admits them
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.model_swap import DRAIN, STAY, SWAP, ModelDecision
 from engine.policy import SchedulingPolicy
 from engine.protocol import BatchComposition, FinishReason, TokenDelta
 from engine.request import Request, RequestStatus
@@ -42,6 +45,8 @@ class Scheduler:
         eos_token_ids: tuple[int, ...],
         clock: Callable[[], float] = time.monotonic,
         swap_space: SwapSpace | None = None,
+        models: tuple[str, ...] = (),
+        model_load_seconds: dict[str, float] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock  # monotonic seconds; the simulator passes a virtual clock
@@ -66,6 +71,13 @@ class Scheduler:
         self._step_start = 0.0
         self.num_swaps_total = 0
         self.num_evictions_total = 0  # QLM: preemptions of lower-class requests for an urgent one
+        # Model swapping (engine/model_swap.py): the models this replica serves, the first resident at start;
+        # measured seconds to load each one's weights (updated by every swap) enter the RWT estimate.
+        self.models = models or ("",)
+        self.resident_model = self.models[0]
+        self.model_load_seconds = dict(model_load_seconds or {})
+        self.num_model_swaps_total = 0
+        self._load_model = ""  # set by a swap in schedule(), for this step's SchedulerOutput
         # Fair orderings account service in KV token-time: they need the pool (again after a KunServe drop).
         self.policy.observer.on_capacity(block_manager.num_blocks * block_manager.block_size, self.clock())
 
@@ -73,15 +85,25 @@ class Scheduler:
 
     def add_request(self, request: Request) -> TokenDelta | None:
         """Queue a request, or refuse it at once (returning its final delta) if it can never be served."""
-        if error := self._never_fits(request):
+        if error := self.resolve_model(request) or self._never_fits(request):
             request.finish(FinishReason.ERROR, error)
             return TokenDelta(request.request_id, [], FinishReason.ERROR, request.num_prompt_tokens, 0, error)
         request.queued_time = self.clock()
         request.slo = self.slo_targets.get(request.slo_class, request.slo)  # deadlines count from intake
+        # KV is only valid under the model that wrote it: no prefix-cache hits across models.
+        if len(self.models) > 1:
+            request.cache_salt = f"{request.model}\x00{request.cache_salt}"
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.policy.observer.on_arrival(request, request.queued_time)
         return None
+
+    def resolve_model(self, request: Request) -> str:
+        """Name the request's model ("" = the first); return an error if this replica does not serve it."""
+        request.model = request.model or self.models[0]
+        if request.model not in self.models:
+            return f"model {request.model!r} is not served here ({', '.join(self.models)})"
+        return ""
 
     def _never_fits(self, request: Request) -> str:
         if request.num_prompt_tokens >= self.max_model_len:
@@ -121,17 +143,48 @@ class Scheduler:
         self._step_start = self.clock()
         self.ledger.start_step(self.num_steps_total)
         self.swap_space.start_step()
-        self.policy.slo.tick(self._step_start, self.waiting, self.running, self.swap_space.seconds_per_block)
+        self.policy.slo.tick(
+            self._step_start,
+            self.waiting,
+            self.running,
+            self.swap_space.seconds_per_block,
+            self.resident_model,
+            self._load_costs(),
+        )
         step = _StepBatch(self.config.max_num_batched_tokens)
+        decision = self.policy.models.decide(self) if len(self.models) > 1 else ModelDecision(STAY)
+        if decision.action == SWAP:
+            self._swap_model(decision.model, step)
         self.running = self.policy.ordering.running_order(self.running)
         self._schedule_running(step)
-        if not step.preempted or self.policy.admit_after_preemption:
+        can_admit = not step.preempted or self.policy.admit_after_preemption or decision.action == SWAP
+        if can_admit and decision.action != DRAIN:
             self._admit_waiting(step)
         self.last_batch = self._composition(step.scheduled)
         finished_ids, self._finished_ids = self._finished_ids, []
         swap_out, swap_in, self._swap_out, self._swap_in = self._swap_out, self._swap_in, [], []
         preempted_ids = [r.request_id for r in step.preempted]
-        return SchedulerOutput(step.scheduled, finished_ids, preempted_ids, swap_out, swap_in)
+        load_model, self._load_model = self._load_model, ""
+        return SchedulerOutput(step.scheduled, finished_ids, preempted_ids, swap_out, swap_in, load_model)
+
+    def _load_costs(self) -> dict[str, float]:
+        """Seconds until each model could run here: 0 for the resident one, its measured load time otherwise."""
+        if len(self.models) == 1:
+            return {}
+        return {
+            m: 0.0 if m == self.resident_model else self.model_load_seconds.get(m, 0.0) for m in self.models
+        }
+
+    def _swap_model(self, model: str, step: _StepBatch) -> None:
+        """Make `model` resident: its weights load before this step's forward pass (SchedulerOutput.load_model);
+        the running requests of the old model are preempted first, their KV swapped out or dropped (`_preempt`)."""
+        num_evicted = len(self.running)
+        for request in list(self.running):
+            self._preempt(request)
+            step.preempted.append(request)
+        logger.info("model swap %s -> %s (%d running preempted)", self.resident_model, model, num_evicted)
+        self.resident_model = self._load_model = model
+        self.num_model_swaps_total += 1
 
     def _schedule_running(self, step: _StepBatch) -> None:
         """Running requests first, in the ordering's order: each gets its next chunk (a decode is a chunk of
@@ -163,6 +216,8 @@ class Scheduler:
         for request in self.policy.ordering.waiting_order(self.waiting):
             if step.budget <= 0:
                 break
+            if request.model != self.resident_model:
+                continue  # waits for a model swap (engine/model_swap.py)
             if len(self.running) < self.config.max_num_seqs and self._try_admit(request, step):
                 continue
             if self._evict_for(request, step) and self._try_admit(request, step):
@@ -305,6 +360,8 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, reason)
             deltas.append(self._delta(request, [token_id]))
+        if output.load_model and model_output.model_load_seconds > 0:
+            self.model_load_seconds[output.load_model] = model_output.model_load_seconds
         step_seconds = self.clock() - self._step_start
         num_prefill = self.last_batch.num_prefill_tokens
         self.policy.slo.meter.observe(step_seconds, len(model_output.sampled), num_prefill, output.num_tokens)
@@ -349,6 +406,7 @@ class Scheduler:
         assert all(not r.block_ids for r in self.waiting), "a waiting request holds KV"
         assert len(self.running) <= self.config.max_num_seqs
         assert set(self.requests) == {r.request_id for r in self.running + self.waiting}
+        assert all(r.model == self.resident_model for r in self.running), "a request runs on another model"
         self.ledger.check_invariants(self.running)
         swapped = [r for r in self.waiting if r.is_swapped]
         self.swap_space.check_invariants([b for r in swapped for b in r.host_block_ids])

@@ -213,6 +213,8 @@ _EXTRA_SERIES = (
      "num_swaps_total"),
     (CounterMetricFamily, "kairos:num_evictions", "QLM evictions: lower-class requests preempted for an urgent one.",
      "num_evictions_total"),
+    (CounterMetricFamily, "kairos:model_swaps", "QLM model swaps: another model's weights loaded on a replica.",
+     "model_swaps_total"),
     (CounterMetricFamily, "kairos:kunserve_drops", "KunServe parameter drops (replicas merged into pipelines).",
      "kunserve_drops_total"),
     (CounterMetricFamily, "kairos:kunserve_restores", "KunServe restores (back to data-parallel replicas).",
