@@ -159,8 +159,10 @@ def run_engine_process(
     `core_factory` is 'module:function' taking an EngineConfig and returning the core (tests pass a fake).
     Exits 0 after Shutdown or the server's exit; 1 after sending EngineError for any exception.
     """
-    # Ctrl-C in a terminal reaches the whole process group; the server decides when the engine stops.
+    # Ctrl-C in a terminal reaches the whole process group, and so does a service manager's SIGTERM (systemd kills
+    # the control group): the server decides when the engine stops, after draining (server/supervisor.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=log_level, format="%(asctime)s kairos-engine %(levelname)s %(name)s: %(message)s"

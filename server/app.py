@@ -48,6 +48,7 @@ from server.schema import (
     prefix_cache_salt,
 )
 from server.status import RollingWindow, status_body
+from server.supervisor import EngineSupervisor
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,13 @@ def build_app(
             config.max_queued_tokens_per_tenant,
         )
     )
+    # server/supervisor.py: restarts a dead engine (kairos:engine_restarts_total) and drains on SIGTERM.
+    app.state.supervisor = EngineSupervisor(
+        client,
+        config.ready_timeout_s,
+        config.drain_timeout_s,
+        on_restart=lambda: app.state.metrics.on_engine_restart(),
+    )
     if client.ready is not None:  # a client that is ready at once (tests)
         _build_metrics(app, client.ready)
     return app
@@ -125,13 +133,18 @@ def _build_metrics(app: Starlette, ready: Ready) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    supervisor: EngineSupervisor = app.state.supervisor
+    supervisor.bind(asyncio.get_running_loop())
     startup = asyncio.create_task(_start(app))
+    supervise = asyncio.create_task(_supervise(app, startup))
     sampler = asyncio.create_task(_sample_engine_stats(app))
     try:
         yield
     finally:
         startup.cancel()
+        supervise.cancel()
         sampler.cancel()
+        await supervisor.close()
         await app.state.client.shutdown()
         app.state.predictor.close()
 
@@ -168,6 +181,13 @@ async def _start(app: Starlette) -> None:
     except Exception as exc:  # reported by /health and every request, and logged
         app.state.startup_error = f"{type(exc).__name__}: {exc}"
         logger.exception("startup failed")
+
+
+async def _supervise(app: Starlette, startup: asyncio.Task) -> None:
+    """Restart the engine whenever it dies, from the first successful startup on."""
+    await startup
+    if app.state.startup_error is None:
+        await app.state.supervisor.run()
 
 
 async def _load_tokenizer(app: Starlette) -> Tokenizer:
@@ -237,6 +257,8 @@ async def status(request: Request) -> Response:
         now=time.time(),
         started_at=app.state.started_at,
     )
+    body["engine_restarts"] = app.state.supervisor.num_restarts
+    body["last_engine_exit"] = app.state.supervisor.last_exit
     return _json(body, headers={"Cache-Control": "no-store"})
 
 
@@ -424,6 +446,8 @@ def _unavailable_reason(app: Starlette) -> str | None:
     client: EngineClientLike = app.state.client
     if app.state.startup_error:
         return f"the server failed to start: {app.state.startup_error}"
+    if problem := app.state.supervisor.unavailable_reason():  # restarting the engine, or draining
+        return problem
     if client.ready is None or app.state.tokenizer is None:
         return "the model is loading"
     if not client.is_alive:

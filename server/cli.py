@@ -39,6 +39,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", default=None, help="if set, require `Authorization: Bearer <key>` on /v1 routes"
     )
     http.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, stop admitting (503) and give in-flight requests this many seconds to finish; "
+        "then they end with an error event and the server exits",
+    )
+    http.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -269,6 +277,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from engine.model_store import resolve_model
     from server.app import build_app
+    from server.draining_server import DrainingServer
     from server.engine_client import EngineClient
 
     logging.basicConfig(
@@ -276,6 +285,8 @@ def serve(args: argparse.Namespace) -> int:
     )
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
         raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
+    if args.drain_timeout < 0:
+        raise SystemExit("--drain-timeout must be >= 0")
     model_dir = resolve_model(args.model)  # the default model is downloaded and converted on first use
     # Default names: the model directory's name (README: "smollm2-135m-instruct"), then --model as given.
     names = tuple(args.served_model_name or dict.fromkeys([model_dir.name, args.model]))
@@ -337,9 +348,11 @@ def serve(args: argparse.Namespace) -> int:
         max_queued_tokens=args.max_queued_tokens,
         max_queued_requests_per_tenant=args.max_queued_requests_per_tenant,
         max_queued_tokens_per_tenant=args.max_queued_tokens_per_tenant,
+        drain_timeout_s=args.drain_timeout,
     )
     app = build_app(server_config, EngineClient(engine_config))
-    # uvicorn handles SIGINT/SIGTERM: it stops accepting, drains, then the lifespan shuts the engine down.
+    # On SIGINT/SIGTERM uvicorn stops accepting and waits for open responses; the supervisor (told first) answers
+    # 503 meanwhile and ends what still streams at the drain timeout; then the lifespan shuts the engine down.
     uvicorn_config = uvicorn.Config(
         app,
         host=args.host,
@@ -347,10 +360,10 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=args.drain_timeout + 5,  # a backstop: the supervisor ends streams before
     )
     logger.info("serving %s (%s) on http://%s:%d", names[0], model_dir, args.host, args.port)
-    uvicorn.Server(uvicorn_config).run()
+    DrainingServer(uvicorn_config, app.state.supervisor.request_drain).run()
     return 0
 
 

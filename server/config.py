@@ -23,6 +23,9 @@ class ServerConfig:
     prefix_cache_isolation: str = "tenant"
     slo_classes: tuple[str, ...] = DEFAULT_SLO_CLASSES
     ready_timeout_s: float = 600.0  # model load + KV pool allocation + warm-up
+    # SIGTERM / SIGINT (server/supervisor.py): in-flight requests get this long to finish; then they end with an
+    # error event and the server exits.
+    drain_timeout_s: float = 30.0
     log_level: str = "info"
     # Response-length predictor (predictor/online.py): "default" = the shipped SmolLM2 model, "none" = the
     # documented constants, or a model file. predictor_log: append finished requests' features + lengths there.

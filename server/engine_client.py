@@ -7,7 +7,8 @@ the loop: when the ring is full, records wait in an in-order outbox retried with
 Errors reach a stream as data: when the engine dies, sends EngineError or is shut down, every open stream gets a
 final `TokenDelta(finish_reason=FinishReason.ERROR, error=<one line>)` and then ends; `client.error` keeps the whole
 text. Calls made on a dead engine (`add_request`) raise `EngineDeadError`. The engine is started with the spawn
-context, so the program's main module must be import-safe (`if __name__ == "__main__":`).
+context, so the program's main module must be import-safe (`if __name__ == "__main__":`). After the process has
+exited, `restart()` spawns a fresh one on new rings (server/supervisor.py decides when).
 """
 
 from __future__ import annotations
@@ -134,27 +135,45 @@ class EngineClient:
         self._loop.add_reader(self._channel.fileno(), self._on_channel_readable)
         self._loop.add_reader(self._process.sentinel, self._on_process_exit)
 
+    def restart(self) -> None:
+        """Spawn a fresh engine process after the last one exited (`await wait_ready()` next). The old process's
+        streams have all ended with errors by then; `ready`, `latest_stats` and `error` start over."""
+        if self._exited is None or not self._exited.done():
+            raise RuntimeError("the engine process is still running")
+        self._process = None
+        self.ready = None
+        self.latest_stats = None
+        self.error = None
+        self._is_dead = False
+        self.start()
+
+    async def wait_exited(self) -> None:
+        """Until the current engine process has exited, for whatever reason (death, error, shutdown)."""
+        if self._exited is None:
+            raise RuntimeError("engine client not started")
+        await asyncio.shield(self._exited)
+
     async def wait_ready(self, timeout: float) -> Ready:
         """The engine's Ready. EngineDeadError if it dies first; TimeoutError after `timeout` seconds."""
         if self._ready_future is None:
             raise RuntimeError("engine client not started")
         return await asyncio.wait_for(asyncio.shield(self._ready_future), timeout)
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask the engine to stop, wait up to `timeout` s, then terminate / kill it; release the rings.
+    async def shutdown(self, timeout: float = 5.0, reason: str = "engine shut down") -> None:
+        """Ask the engine to stop, wait up to `timeout` s, then kill it; release the rings.
 
-        Open streams end at once with an ERROR delta ("engine shut down"). Idempotent.
+        Open streams end at once with an ERROR delta carrying `reason`. Idempotent.
         """
         if self._process is None or self._exited is None:
             return
         if not self._exited.done():
             if not self._is_dead:
-                self._mark_dead("engine shut down")
+                self._mark_dead(reason)
                 self._send(Shutdown(reason="server shutdown"))
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited), timeout)
             except asyncio.TimeoutError:
-                logger.warning("engine did not exit within %.1f s; terminating it", timeout)
+                logger.warning("engine did not exit within %.1f s; killing it", timeout)
                 await self._stop_process()
         self._release()
 
@@ -302,12 +321,8 @@ class EngineClient:
             self._ready_future.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
     async def _stop_process(self) -> None:
-        self._process.terminate()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._exited), 2.0)
-        except asyncio.TimeoutError:
-            self._process.kill()
-            await asyncio.wait_for(asyncio.shield(self._exited), 5.0)
+        self._process.kill()  # the engine ignores SIGTERM (engine/process.py): only the server stops it
+        await asyncio.wait_for(asyncio.shield(self._exited), 5.0)
 
     def _release(self) -> None:
         """After the process has exited: stop watching fds, release the rings. Idempotent."""

@@ -135,10 +135,20 @@ class Metrics:
         )
         for reason in REJECT_REASONS:
             self.requests_rejected.labels(model_name, reason)
+        self.engine_restarts = Counter(
+            "kairos:engine_restarts",
+            "Engine processes spawned again after the engine died (server/supervisor.py).",
+            ("model_name",),
+            registry=self.registry,
+        )
+        self.engine_restarts.labels(model_name)
         self.registry.register(EngineStatsCollector(model_name, latest_stats, self.tenant_label))
 
     def on_rejected(self, reason: str) -> None:
         self.requests_rejected.labels(self.model_name, reason).inc()
+
+    def on_engine_restart(self) -> None:
+        self.engine_restarts.labels(self.model_name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ class FakeClient:
             1.0, 0, 0, 0, 100, 100, 0.0, 0, 0, 0, 0, 0, 0, 0.0
         )
         self.alive = True
+        self.error: str | None = None
         self.requests: list[AddRequest] = []
         self.aborted: list[str] = []
         self.error_after: int | None = None  # end with an ERROR delta after this many tokens
@@ -58,5 +59,11 @@ class FakeClient:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def shutdown(self) -> None:
+    def restart(self) -> None:
+        self.alive = True
+
+    async def wait_exited(self) -> None:
+        await asyncio.Event().wait()  # no process to exit: the supervisor never restarts a fake
+
+    async def shutdown(self, timeout: float = 5.0, reason: str = "engine shut down") -> None:
         self.alive = False
