@@ -220,7 +220,7 @@ async def list_models(request: Request) -> Response:
             "parent": None,
             "max_model_len": ready.max_model_len,
         }
-        for name in config.served_model_names
+        for name in config.served_model_names + config.extra_model_names
     ]
     return _json({"object": "list", "data": data})
 
@@ -366,12 +366,14 @@ async def _generate(
         app_num_requests=identity.app_num_requests,
         app_cost=predicted_app_cost,
         tenant_weight=app.state.config.tenant_weight(identity.tenant),
+        model=params.model if params.model in app.state.config.extra_model_names else "",  # "": the first
     )
     output = app.state.tokenizer.output_text(prompt_ids, params.stop)
     observer = app.state.metrics
     if tagger.is_logging:
         observer = LengthLogObserver(observer, tagger, tagged)
-    gen = Generation(msg, params, output, app.state.config.served_model_name, is_chat, observer=observer)
+    model_name = msg.model or app.state.config.served_model_name
+    gen = Generation(msg, params, output, model_name, is_chat, observer=observer)
     client: EngineClientLike = app.state.client
     try:
         ticket = app.state.admission.admit(identity.tenant, len(prompt_ids))
@@ -480,7 +482,8 @@ def _check_observability_auth(request: Request) -> None:
 
 
 def _check_model(app: Starlette, params: GenerationParams) -> None:
-    if params.model is not None and params.model not in app.state.config.served_model_names:
+    config = app.state.config
+    if params.model is not None and params.model not in config.served_model_names + config.extra_model_names:
         raise RequestError(f"The model `{params.model}` does not exist.", "model", status=404)
 
 

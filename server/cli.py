@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
 from engine.policy import POLICIES
@@ -56,9 +57,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        default="default",
+        action="append",
+        default=None,
         help="'default' (SmolLM2-135M-Instruct, prepared on first use), 'tiny-random', or a local "
-        "Hugging Face directory of the Llama family",
+        "Hugging Face directory of the Llama family. Repeat it to serve several models of one shape and one "
+        "tokenizer on one replica (QLM model swapping: one model's weights resident, the others in host memory; "
+        "a request's `model` picks one, by its directory's name)",
     )
     model.add_argument(
         "--max-model-len",
@@ -256,6 +260,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def _extra_model_names(specs: list[str], first_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names requests use for the models after the first (`--model` repeated): the directory's name, or the
+    spec for the built-in ones. Each must share the first model's tokenizer files (the server has one tokenizer)
+    and have a name of its own; SystemExit otherwise. The engine checks that the shapes match."""
+    from engine.model_store import resolve_model
+
+    def tokenizer_files(path: Path) -> dict[str, bytes]:
+        return {f: (path / f).read_bytes() for f in TOKENIZER_FILES if (path / f).is_file()}
+
+    extra: list[str] = []
+    for spec in specs:
+        path = resolve_model(spec)
+        name = spec if spec in ("default", "tiny-random") or spec.startswith("synthetic:") else path.name
+        if name in names or name in extra:
+            raise SystemExit(
+                f"--model {spec}: the name {name!r} is taken (copy it to a directory of another name)"
+            )
+        if tokenizer_files(path) != tokenizer_files(first_dir):
+            raise SystemExit(
+                f"--model {spec}: its tokenizer differs from {first_dir}'s; models served together must share one"
+            )
+        extra.append(name)
+    return tuple(extra)
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -287,16 +319,25 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
     if args.drain_timeout < 0:
         raise SystemExit("--drain-timeout must be >= 0")
-    model_dir = resolve_model(args.model)  # the default model is downloaded and converted on first use
+    specs = args.model or ["default"]
+    model_dir = resolve_model(specs[0])  # the default model is downloaded and converted on first use
     # Default names: the model directory's name (README: "smollm2-135m-instruct"), then --model as given.
-    names = tuple(args.served_model_name or dict.fromkeys([model_dir.name, args.model]))
+    names = tuple(args.served_model_name or dict.fromkeys([model_dir.name, specs[0]]))
+    extra_names = _extra_model_names(specs[1:], model_dir, names)
+    if extra_names and (args.replicas > 1 or "," in args.devices):
+        raise SystemExit("several --model are served on one replica only (no --replicas or device list)")
     try:
         slo_classes = tuple(build_slo_table(tuple(args.slo)))
     except ValueError as e:
         raise SystemExit(str(e)) from None
     engine_config = EngineConfig(
         model=ModelConfig(
-            model=args.model, served_model_name=names[0], dtype=args.dtype, max_model_len=args.max_model_len
+            model=specs[0],
+            served_model_name=names[0],
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            extra_models=tuple(specs[1:]),
+            extra_served_model_names=extra_names,
         ),
         scheduler=SchedulerConfig(
             policy=args.policy,
@@ -330,6 +371,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         served_model_names=names,
+        extra_model_names=extra_names,
         tokenizer_path=str(model_dir),
         api_key=args.api_key,
         protect_observability=args.protect_observability,

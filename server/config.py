@@ -15,6 +15,9 @@ class ServerConfig:
     # A request without `model` gets the model too.
     served_model_names: tuple[str, ...] = ("default",)
     tokenizer_path: str = ""  # the model directory (its tokenizer files)
+    # More models on the engine's replica (`--model` repeated; QLM model swapping, engine/model_swap.py), by the
+    # name a request's `model` gives; they share the first model's tokenizer (checked at start-up).
+    extra_model_names: tuple[str, ...] = ()
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <key>`
     # Security and limits (README "Security"): /status and /metrics need the key too; a body over this many bytes
     # is a 413 (0 = no limit); prefix-cache blocks are shared within a tenant only ("tenant") or by all ("none").

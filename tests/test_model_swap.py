@@ -6,6 +6,7 @@ urgent chat for model b swaps in past a batch backlog of model a, while FCFS (vl
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,19 +88,13 @@ def test_interleaved_requests_match_single_model_engines(
     expected: dict[str, list[int]] = {}
     for name, path in (("a", tiny_llama_dir), ("b", other_llama_dir)):
         single = real_core(ModelConfig(model=str(path), served_model_name=name), policy)
-        mine = {k: [dataclass_model(m, "") for m in v if m.model == name] for k, v in waves.items()}
+        mine = {k: [replace(m, model="") for m in v if m.model == name] for k, v in waves.items()}
         expected |= run(single, mine)
     assert got == expected
     assert got["a0"] != got["b0"] and got["a0"] == got["a3"]  # the models differ; a model agrees with itself
     stats = engine.stats()
     assert stats.extra["model_swaps_total"] >= 2
     assert engine.scheduler.model_load_seconds["b"] > 0
-
-
-def dataclass_model(msg: AddRequest, model: str) -> AddRequest:
-    from dataclasses import replace
-
-    return replace(msg, model=model)
 
 
 def test_models_of_another_shape_are_refused(tiny_llama_dir: Path, tiny_qwen2_dir: Path):
@@ -212,3 +207,56 @@ def test_unknown_model_is_refused():
     assert delta.finish_reason == FinishReason.ERROR and "not served" in delta.error
     request = Request("y", [5], SamplingParams())
     assert core.scheduler.resolve_model(request) == "" and request.model == "a"  # "" is the first model
+
+
+# ---- the server: --model repeated, the request's `model` ----------------------------------------------------------
+
+
+def test_server_routes_the_model_field():
+    import asyncio
+
+    import httpx
+    from fake_engine_client import FakeClient
+    from tiny_tokenizer import tiny_tokenizer
+
+    from server.app import build_app
+    from server.config import ServerConfig
+
+    fake = FakeClient()
+    config = ServerConfig(served_model_names=("a", "alias"), extra_model_names=("b",))
+    user = [{"role": "user", "content": "hi"}]
+
+    async def go() -> tuple[list[httpx.Response], httpx.Response]:
+        app = build_app(config, fake, tokenizer=tiny_tokenizer())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            body = {"messages": user}
+            responses = [
+                await http.post("/v1/chat/completions", json={**body, "model": m})
+                for m in ("b", "alias", "zzz")
+            ]
+            return responses, await http.get("/v1/models")
+
+    responses, models = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200, 200, 404]
+    assert responses[0].json()["model"] == "b" and responses[1].json()["model"] == "a"
+    assert [msg.model for msg in fake.requests] == ["b", ""]  # "" = the first model
+    assert [m["id"] for m in models.json()["data"]] == ["a", "alias", "b"]
+
+
+def test_cli_names_extra_models_and_checks_their_tokenizer(
+    tmp_path: Path, tiny_llama_dir: Path, other_llama_dir: Path
+):
+    import shutil
+
+    from server.cli import _extra_model_names, build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "x", "--model", "y"])
+    assert args.model == ["x", "y"] and build_parser().parse_args(["serve"]).model is None
+    assert _extra_model_names([str(other_llama_dir)], tiny_llama_dir, ("a",)) == (other_llama_dir.name,)
+    with pytest.raises(SystemExit, match="taken"):
+        _extra_model_names([str(other_llama_dir)], tiny_llama_dir, (other_llama_dir.name,))
+    copy = tmp_path / "with-tokenizer"
+    shutil.copytree(other_llama_dir, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit, match="tokenizer differs"):
+        _extra_model_names([str(copy)], tiny_llama_dir, ("a",))
