@@ -384,8 +384,9 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(server: LiveServer) ->
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             lines: list[list[str]] = [[] for _ in range(4)]
             opened = [asyncio.Event() for _ in lines]
-            # Three short streams finish inside the drain timeout; the long one (~25 s at 400 tokens) cannot.
-            bodies = [completion_body(12)] * 3 + [completion_body(400)]
+            # Three short streams finish inside the drain timeout; the long one cannot (500 tokens: ~30 s here, and
+            # over 10 s at 20 ms a token on 2 threads).
+            bodies = [completion_body(12)] * 3 + [completion_body(500)]
             tasks = [
                 asyncio.create_task(open_stream(http, body, ls, ev))
                 for body, ls, ev in zip(bodies, lines, opened, strict=True)
