@@ -173,6 +173,11 @@ class ModelRunner:
             self.host_weights[name] = host
         for name in reversed(self.model_names):
             self.model_load_seconds[name] = self.load_model(name)
+        logger.info(
+            "models in host memory: %s; measured load (host -> resident weights): %s",
+            ", ".join(self.model_names),
+            ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in self.model_load_seconds.items()),
+        )
 
     def load_model(self, name: str) -> float:
         """Copy `name`'s weights from host memory into the resident tensors: the shapes are equal, so the KV pool, the
