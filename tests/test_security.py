@@ -6,9 +6,13 @@ EngineCore, no request text in logs, and static files only from static/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -439,3 +443,60 @@ def test_static_files_are_served():
     app = build_app(config(), FakeClient(), tokenizer=tiny_tokenizer())
     status, _, body, _ = asyncio.run(raw_asgi(app, "GET", "/static/status.js"))
     assert status == 200 and b"poll" in body
+
+
+# ---- the status page behind the key, in a real browser -------------------------------------------------
+
+
+@contextlib.contextmanager
+def uvicorn_app(app) -> Iterator[str]:
+    """The app on a real socket in a thread (a fake engine: no model, starts in milliseconds)."""
+    import uvicorn
+    from live_server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_protected_status_page_works_in_a_browser_with_the_key():
+    from test_status_page import CHROMIUM, CHROMIUM_FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    app = build_app(config(api_key=KEY, protect_observability=True), FakeClient(), tokenizer=tiny_tokenizer())
+    with uvicorn_app(app) as base_url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base_url}/")  # no key: the page says how to give it
+            page.wait_for_function(
+                "document.getElementById('state').textContent.includes('401')", timeout=10_000
+            )
+            assert "?key=" in (page.text_content("#state") or "")
+            page.goto(f"{base_url}/?key={KEY}&x=1")
+            page.wait_for_function(
+                "document.getElementById('state').textContent === 'serving'", timeout=10_000
+            )
+            assert KEY not in page.url and page.url.endswith("/?x=1")  # out of the address bar and history
+            page.reload()  # the tab keeps the key
+            page.wait_for_function(
+                "document.getElementById('state').textContent === 'serving'", timeout=10_000
+            )
+            assert (page.text_content("#model") or "") == "fake"
+        finally:
+            browser.close()
