@@ -27,10 +27,10 @@ from tiny_tokenizer import tiny_tokenizer
 from engine.config import DeviceConfig, EngineConfig, ModelConfig
 from engine.core import EngineCore, build_engine_core
 from engine.ipc import SHM_PREFIX
-from engine.protocol import AddRequest, FinishReason, SamplingParams, TokenDelta
+from engine.protocol import AddRequest, FinishReason, Ready, SamplingParams, TokenDelta
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine_client import EngineClient, RequestStream
+from server.engine_client import EngineClient, EngineDeadError, RequestStream
 from server.supervisor import EngineSupervisor, RestartPolicy
 
 SLOW_FAKE = "tests.test_engine_client:build_slow_fake_core"  # one token per 5 ms step, forever if asked
@@ -68,6 +68,58 @@ async def read_until_finish(stream: RequestStream, timeout: float) -> list[Token
 def test_backoff_doubles_to_its_cap() -> None:
     policy = RestartPolicy(first_delay_s=1.0, max_delay_s=30.0)
     assert [policy.delay(n) for n in (1, 2, 3, 5, 6, 20)] == [1.0, 2.0, 4.0, 16.0, 30.0, 30.0]
+
+
+class CrashingClient:
+    """A client whose engine has just died, and whose next `num_bad_starts` engines die while starting."""
+
+    def __init__(self, num_bad_starts: int) -> None:
+        self.error: str | None = "engine process exited with code 1"
+        self.num_bad_starts = num_bad_starts
+        self.start_times: list[float] = []
+        self.exited = asyncio.Event()
+        self.exited.set()
+
+    def restart(self) -> None:
+        self.start_times.append(time.monotonic())
+        self.exited = asyncio.Event()
+        if len(self.start_times) <= self.num_bad_starts:
+            self.exited.set()
+
+    async def wait_exited(self) -> None:
+        await self.exited.wait()
+
+    async def wait_ready(self, timeout: float) -> Ready:
+        if self.exited.is_set():
+            raise EngineDeadError("the engine died while starting")
+        return Ready("fake", 128, 16, 64, "cpu", "vllm")
+
+    async def shutdown(self, timeout: float = 5.0, reason: str = "engine shut down") -> None:
+        self.exited.set()
+
+
+def test_quick_deaths_back_off_longer_and_a_stable_engine_starts_over() -> None:
+    async def main() -> None:
+        client = CrashingClient(num_bad_starts=2)
+        policy = RestartPolicy(first_delay_s=0.05, max_delay_s=1.0, stable_after_s=0.3)
+        supervisor = EngineSupervisor(client, READY_TIMEOUT_S, 5.0, policy)
+        died_at = time.monotonic()
+        supervise = asyncio.create_task(supervisor.run())
+        await until(
+            lambda: supervisor.num_restarts == 3 and not supervisor.is_restarting, 5, "third start up"
+        )
+        gaps = [b - a for a, b in zip([died_at, *client.start_times], client.start_times, strict=False)]
+        assert [round(g, 2) >= d for g, d in zip(gaps, (0.05, 0.1, 0.2), strict=True)] == [True] * 3, gaps
+        await asyncio.sleep(0.35)  # up longer than stable_after_s: the next death waits first_delay_s again
+        died_at = time.monotonic()
+        client.exited.set()
+        await until(lambda: supervisor.num_restarts == 4, 5, "fourth start")
+        assert (
+            0.05 <= round(client.start_times[-1] - died_at, 2) < 0.3
+        )  # not the 0.4 s of a fourth quick death
+        supervise.cancel()
+
+    asyncio.run(main())
 
 
 def test_killed_engine_ends_streams_with_errors_then_restarts() -> None:
