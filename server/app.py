@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ from server.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+# Longer texts are tokenized in a worker thread (HF tokenizers release the GIL): at ~3 µs a character on CPU, a
+# long prompt tokenized on the event loop would stall every open stream.
+TOKENIZE_INLINE_CHARS = 16_384
 STATUS_SAMPLE_S = 1.0  # how often the engine's totals are booked into the status window (its bucket width)
 
 
@@ -274,8 +278,12 @@ async def chat_completions(request: Request) -> Response:
         await _read_json(request), request.headers, request.app.state.config.slo_classes
     )
     _check_model(request.app, parsed.params)
+    num_chars = sum(len(m.content) for m in parsed.messages)
+    encode = functools.partial(request.app.state.tokenizer.encode_chat, parsed.messages)
     try:
-        prompt_ids = request.app.state.tokenizer.encode_chat(parsed.messages)
+        prompt_ids = await _encode(request.app, num_chars, "messages", encode)
+    except RequestError:
+        raise
     except Exception as exc:  # jinja2 TemplateError and friends: the conversation, not the server
         raise RequestError(f"the chat template rejected the messages: {exc}", "messages") from exc
     return await _generate(
@@ -300,7 +308,10 @@ async def completions(request: Request) -> Response:
     _check_model(request.app, parsed.params)
     tokenizer: Tokenizer = request.app.state.tokenizer
     if parsed.prompt_token_ids is None:
-        prompt_ids = tokenizer.encode(parsed.prompt or "")
+        prompt = parsed.prompt or ""
+        prompt_ids = await _encode(
+            request.app, len(prompt), "prompt", functools.partial(tokenizer.encode, prompt)
+        )
     else:
         prompt_ids = list(parsed.prompt_token_ids)
         if (bad := max(prompt_ids)) >= tokenizer.vocab_size:
@@ -314,6 +325,22 @@ async def completions(request: Request) -> Response:
         arrival_time=arrival_time,
         text=parsed.prompt or "",
     )
+
+
+async def _encode(app: Starlette, num_chars: int, where: str, encode: Callable[[], list[int]]) -> list[int]:
+    """Tokenize, first refusing a text that is surely over the context (no token covers more than the tokenizer's
+    max_chars_per_token characters), then off the event loop when the text is long."""
+    max_model_len = app.state.client.ready.max_model_len
+    if (per_token := app.state.tokenizer.max_chars_per_token) and num_chars > max_model_len * per_token:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your {where} has "
+            f"{num_chars} characters, more than {max_model_len} tokens can hold. Please reduce the length of "
+            "the input.",
+            where,
+        )
+    if num_chars <= TOKENIZE_INLINE_CHARS:
+        return encode()
+    return await asyncio.to_thread(encode)
 
 
 # ---- one generation ----------------------------------------------------------------------------------

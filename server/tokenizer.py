@@ -28,6 +28,7 @@ class Tokenizer:
         self._hf = hf_tokenizer
         self.vocab_size = len(hf_tokenizer)  # includes added tokens, unlike .vocab_size
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+        self.max_chars_per_token = max_chars_per_token(hf_tokenizer)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -50,6 +51,21 @@ class Tokenizer:
 
     def output_text(self, prompt_token_ids: Sequence[int], stop: Sequence[str]) -> OutputText:
         return OutputText(IncrementalDetokenizer(self.decode, prompt_token_ids), StopStringMatcher(stop))
+
+
+def max_chars_per_token(hf_tokenizer: Any) -> int:
+    """The most characters of text one token can stand for, or 0 when that is not known. A text longer than
+    max_model_len × this has more tokens than the context holds, which the server can tell without tokenizing it
+    (seconds for megabytes). Known for byte-level BPE with no normalizer (SmolLM2, Llama 3, Qwen2, GPT-2): every
+    text character is at least one byte symbol of a token's string, so the vocabulary's longest entry bounds it.
+    A normalizer or a splitting rule that removes characters breaks that, so those get 0 (no bound)."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return 0
+    pre_tokenizer = repr(backend.pre_tokenizer)
+    if "ByteLevel" not in pre_tokenizer or "Removed" in pre_tokenizer:
+        return 0
+    return max(map(len, hf_tokenizer.get_vocab()), default=0)
 
 
 class IncrementalDetokenizer:

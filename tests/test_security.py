@@ -27,6 +27,7 @@ from engine.protocol import AddRequest, Ready, TokenDelta
 from server.app import build_app
 from server.config import ServerConfig
 from server.schema import Message, prefix_cache_salt
+from server.tokenizer import Tokenizer, max_chars_per_token
 
 USER = [{"role": "user", "content": "hi"}]
 KEY = "sk-test-0123456789"
@@ -154,6 +155,81 @@ def test_engine_core_reports_its_pool_as_the_per_request_bound():
     runner = FakeRunner(num_kv_blocks=7, block_size=4)
     ready = EngineCore(build_scheduler(EngineConfig(scheduler=SchedulerConfig(block_size=4)), runner), runner)
     assert ready.ready_message().max_blocks_per_request == 7
+
+
+# ---- long texts: refused before tokenizing when surely over the context, else tokenized off the loop -----
+
+
+class SpyTokenizer(Tokenizer):
+    """The tiny tokenizer, recording the thread each encode ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(tiny_tokenizer()._hf)
+        self.threads: list[threading.Thread] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.threads.append(threading.current_thread())
+        return super().encode(text)
+
+    def encode_chat(self, messages) -> list[int]:
+        self.threads.append(threading.current_thread())
+        return super().encode_chat(messages)
+
+
+def test_a_text_longer_than_the_context_can_hold_is_refused_without_tokenizing_it():
+    spy = SpyTokenizer()
+    assert spy.max_chars_per_token == 7  # the tiny vocabulary's longest entry; the context is 64 tokens
+    for path, body, where in (
+        ("/v1/completions", {"prompt": "x" * (64 * 7 + 1)}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "é" * 300}] * 2}, "messages"),
+    ):
+        app = build_app(config(), FakeClient(), tokenizer=spy)
+        error = assert_error(asyncio.run(call(app, "POST", path, json=body)), 400, where)
+        assert "characters" in error["message"]
+    assert spy.threads == []
+    app = build_app(
+        config(), FakeClient(), tokenizer=spy
+    )  # at the bound it is tokenized (and over by tokens)
+    error = assert_error(
+        asyncio.run(call(app, "POST", "/v1/completions", json={"prompt": "x" * 448})), 400, "prompt"
+    )
+    assert "input tokens" in error["message"] and len(spy.threads) == 1
+
+
+def test_a_long_text_is_tokenized_off_the_event_loop():
+    fake = FakeClient()
+    fake.ready = Ready("fake", 100_000, 16, 10_000, "cpu", "vllm")
+    spy = SpyTokenizer()
+    app = build_app(config(), fake, tokenizer=spy)
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "hello world " * 2000, "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "the end " * 3000}], "max_tokens": 2},
+        ),
+    ):
+        assert asyncio.run(call(app, "POST", path, json=body)).status_code == 200
+    main = threading.main_thread()
+    assert [t is main for t in spy.threads] == [True, False, False]
+
+
+def test_max_chars_per_token_is_unknown_where_characters_may_vanish():
+    class Backend:
+        normalizer = "NFKC"
+        pre_tokenizer = "ByteLevel()"
+
+    class Hf:
+        backend_tokenizer = Backend()
+
+        def get_vocab(self):
+            return {"abc": 0}
+
+    assert max_chars_per_token(Hf()) == 0
+    Backend.normalizer = None
+    assert max_chars_per_token(Hf()) == 3
+    Backend.pre_tokenizer = "Sequence([Split(behavior=Removed), ByteLevel()])"
+    assert max_chars_per_token(Hf()) == 0
 
 
 # ---- request body limit -------------------------------------------------------------------------------
