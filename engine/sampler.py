@@ -82,7 +82,8 @@ def apply_top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[flo
     mass_above = probs.cumsum(dim=-1) - probs  # exclusive
     no_p = p_t >= 1.0
     keep = (mass_above < p_t[:, None]) | no_p[:, None]
-    keep[:, 0] = True  # the top token, also when p underflows to 0 in float32 (top_p=1e-45 is a valid request)
+    # The top token always stays, also when p underflows to 0 in float32 (top_p=1e-45 is a valid request).
+    keep[:, 0] = True
     out = torch.full_like(x, float("-inf")).scatter_(1, indices, values.masked_fill(~keep, float("-inf")))
     if (untouched := no_p & (k_t == vocab)).any():  # neither filter on for these rows
         out[untouched] = x[untouched]
