@@ -14,6 +14,12 @@ plan_drop       the greedy plan: start from the current groups, merge the two sm
                 until the freed weight bytes cover the pending demand. A group of k replicas keeps one copy of the
                 layers, split into k contiguous ranges (`split_layers`), so each merge frees one copy's layers.
 
+estimate_drop   the cost check before a drop (ours; the paper's plan only weighs memory against pipeline depth):
+                drop only if the request-seconds it adds (the KV exchange stall for every request in flight, and
+                the pipeline's slower steps for every token still to decode and prompt still to prefill) are fewer
+                than the request-seconds of queueing it saves (each pending request's wait for running requests to
+                finish and free its blocks, beyond its wait for the prefills ahead of it).
+
 plan_moves /    where each request of a dissolved group goes in a regroup, and its blocks' ids there; handing
 adopt           them to the new scheduler with their progress (shared by engine/replicas.py and the simulator).
 
@@ -38,6 +44,7 @@ class MonitorConfig:
     restore_usage: float = 0.5  # valley_rate
     min_pipeline_s: float = 5.0  # dwell: seconds in pipeline mode (since the last regroup) before a restore
     restore_fit_usage: float = 0.8  # the DP pools must hold the used blocks at ≤ this fraction (< drop_usage)
+    cost_check: bool = True  # drop only when estimate_drop says it pays off
 
 
 class MemoryMonitor:
@@ -103,6 +110,96 @@ class MemoryMonitor:
         if num_used_blocks > c.restore_fit_usage * num_dp_blocks:
             return False
         return self.usage <= c.restore_usage and self.slope < 0
+
+
+@dataclass(frozen=True)
+class DropCosts:
+    """The measured numbers a drop decision uses (engine/replicas.py measures them, the simulator models them).
+    slowdown: a pipeline step over a data-parallel step for the same requests (≤ 1 counts as no cost)."""
+
+    exchange_s: float  # the KV exchange's stall: bytes that change device / measured copy bandwidth
+    step_s: float  # one data-parallel step now (a decode token of every running request)
+    token_s: float  # data-parallel seconds per prompt token (measured on prefill-heavy steps)
+    slowdown: float
+    arrival_rate: float = 0.0  # requests per second lately (over the monitor's window)
+    dwell_s: float = 0.0  # the least time a drop stays (MonitorConfig.min_pipeline_s)
+
+
+@dataclass(frozen=True)
+class DropEstimate:
+    cost_s: float  # request-seconds the drop adds
+    gain_s: float  # request-seconds of queueing it saves
+
+    @property
+    def pays_off(self) -> bool:
+        return self.cost_s < self.gain_s
+
+
+def arrival_rate(arrivals: deque[float], now: float, config: MonitorConfig) -> float:
+    """Requests per second over the monitor's window (window × interval seconds) up to `now`."""
+    span = config.window * config.interval_s
+    return sum(1 for t in arrivals if now - span <= t <= now) / span
+
+
+def remaining_tokens(request: Request) -> int:
+    """Tokens it may still decode (max_tokens bounds it: an EOS ends it sooner, so this overstates both terms)."""
+    return max(0, request.sampling.max_tokens - request.num_output_tokens)
+
+
+def estimate_drop(
+    running: list[Request], waiting: list[Request], num_free_blocks: int, block_size: int, costs: DropCosts
+) -> DropEstimate:
+    """Both sides in request-seconds, so a stall that hits 200 requests weighs 200 times.
+
+    gain: without a drop a pending request waits for memory. Modelled as FCFS admission with each request's
+          final size (tokens + remaining tokens) reserved: running requests hold theirs and return it when they
+          end (remaining tokens x step_s from now), a queued request is admitted once its final size is free and
+          returns it max_tokens steps after admission, so the queue waits through as many turnovers of the pool
+          as it needs. Recompute preemption only adds to the wait. A queue also waits for compute: the prefills
+          queued before it and its own take token_s per prompt token in either mode, so only the memory wait
+          beyond that compute wait is saved. And the burst goes on: the requests that arrive (arrival_rate)
+          during the last pending request's excess wait T wait T / 2 on average.
+    cost: every request in flight stalls `exchange_s`; while the group is a pipeline, every token still to decode
+          takes (slowdown − 1) · step_s longer, and every pending request's compute wait (slowdown − 1) times
+          longer. (E4's Azure-code burst, long prompts and short outputs, is the case this refuses: its queue
+          waits for prefill compute, which the pipeline makes slower, not for memory.)"""
+
+    def final_blocks(r: Request) -> int:
+        return -(-(r.num_tokens + remaining_tokens(r)) // block_size)
+
+    held = sum(len(set(r.block_ids)) for r in running)
+    capacity = num_free_blocks + held
+    available = capacity - sum(final_blocks(r) for r in running)  # < 0: the running set will preempt
+    ends = [(remaining_tokens(r) * costs.step_s, final_blocks(r)) for r in running]
+    heapq.heapify(ends)
+    gain = compute_s = sum_compute_s = excess_s = now_s = 0.0
+    for request in waiting:
+        need = min(final_blocks(request), capacity)
+        while available < need and ends:
+            now_s, blocks = heapq.heappop(ends)
+            available += blocks
+        available -= need
+        heapq.heappush(ends, (now_s + remaining_tokens(request) * costs.step_s, need))
+        compute_s += request.num_tokens * costs.token_s
+        sum_compute_s += compute_s
+        excess_s = max(0.0, now_s - compute_s)
+        gain += excess_s
+    # The burst goes on. Arrivals bring prefill work at a load rho = rate x mean prompt x token_s; if rho < 1,
+    # those arriving during the last pending request's excess wait T wait T / 2 on average, for memory only
+    # (weighted by 1 − rho, the share of time compute is idle); if rho ≥ 1 the burst is compute-bound, they would
+    # wait for compute anyway, and the pipeline makes that compute slower for as long as it lasts (≥ the dwell).
+    mean_prompt = sum(r.num_tokens for r in waiting) / max(1, len(waiting))
+    rho = costs.arrival_rate * mean_prompt * costs.token_s
+    gain += max(0.0, 1.0 - rho) * costs.arrival_rate * excess_s * excess_s / 2
+    num_tokens = sum(remaining_tokens(r) for r in running) + sum(remaining_tokens(r) for r in waiting)
+    slower = max(0.0, costs.slowdown - 1.0)
+    cost = costs.exchange_s * (len(running) + len(waiting)) + slower * (
+        costs.step_s * num_tokens + sum_compute_s
+    )
+    if rho >= 1.0:  # every arrival during the dwell waits (slowdown − 1) x the backlog's compute longer
+        backlog_s = (rho - 1.0) * costs.dwell_s / 2  # the compute queue grows at rho − 1 s per s
+        cost += slower * costs.arrival_rate * costs.dwell_s * (backlog_s + mean_prompt * costs.token_s)
+    return DropEstimate(cost, gain)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ def summary(result: ReplicaSimResult) -> dict:
         "num_preemptions": result.num_preemptions_total,
         "num_drops": result.num_drops,
         "num_restores": result.num_restores,
+        "num_drops_refused": result.num_drops_refused,
         "throttled_s": result.throttled_s,
         "memory_limit_s": result.limit_s,
         "capacity_blocks": result.capacity,

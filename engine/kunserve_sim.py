@@ -6,7 +6,9 @@ whose clock is earliest, so every clock only moves forward. New requests go to t
 
     recompute   no drop; a request that cannot get a block is preempted by recompute (vLLM)
     swap        no drop; preemption copies the KV to a host pool when that is cheaper (engine/swap.py)
-    drop        KunServe: the memory monitor and the drop plan of engine/kunserve.py regroup the replicas
+    drop        KunServe: the memory monitor and the drop plan of engine/kunserve.py regroup the replicas, when
+                the cost check (estimate_drop: exchange stall + pipeline slowdown vs queueing saved) says it pays
+    drop-always the same without the cost check (the monitor's vote alone, as the authors' code)
 
 The drop model (DropModel; its numbers are assumptions for a GPU box, not measurements):
     capacity    a group of k replicas holds k·n + (k−1)·layer_blocks blocks: each merge frees one copy of the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.batch import ModelOutput, SchedulerOutput
@@ -33,13 +36,23 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.core import EngineCore
 from engine.cost_model import CostModel, StepShape
-from engine.kunserve import MemoryMonitor, MonitorConfig, adopt, plan_drop, plan_moves
+from engine.kunserve import (
+    DropCosts,
+    DropEstimate,
+    MemoryMonitor,
+    MonitorConfig,
+    adopt,
+    arrival_rate,
+    estimate_drop,
+    plan_drop,
+    plan_moves,
+)
 from engine.policy import make_policy
 from engine.scheduler import Scheduler
 from engine.simulator import RequestRecord, SimRequest, SimulatedRunner, VirtualClock, _add_message, _Arrivals
 from engine.swap import SwapSpace
 
-MODES = ("recompute", "swap", "drop")
+MODES = ("recompute", "swap", "drop", "drop-always")
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ class ReplicaSimResult:
     ]  # (simulated s, KV blocks of all groups), at the start and every regroup
     num_drops: int = 0
     num_restores: int = 0
+    num_drops_refused: int = 0  # drop votes the cost check turned down
     num_preemptions_total: int = 0
     throttled_s: float | None = None  # first time usage ≥ drop_usage with pending ≥ free
     limit_s: float | None = None  # first time throttled with nothing left to drop (the memory limit)
@@ -133,6 +147,8 @@ class _ReplicaSim:
         self.result = ReplicaSimResult(config, [RequestRecord(i, 0.0) for i in range(len(requests))], [])
         self.result.capacity.append((0.0, self.total_blocks))
         self._retired_preemptions = 0
+        self.arrivals: deque[float] = deque(maxlen=10_000)  # recent arrival times, for the arrival rate
+        self.dp_step_s = self.dp_token_s = 0.0  # EWMAs of a data-parallel group's step and s per token
 
     @property
     def total_blocks(self) -> int:
@@ -191,6 +207,8 @@ class _ReplicaSim:
                     record.num_preemptions = request.num_preemptions
                 self.eos_after.pop(delta.request_id, None)
                 arrivals.finished(int(delta.request_id), group.clock.now)
+            if len(group.replica_ids) == 1 and group.runner.num_steps > num_steps:
+                self._measure(group.runner)
             if group.runner.num_steps == num_steps:  # stalled: only an arrival or a regroup can unblock it
                 if not arrivals.has_next() and not self._watch(group.clock.now, force=True):
                     raise RuntimeError(f"group {group.replica_ids} stalled with nothing left to arrive")
@@ -215,6 +233,7 @@ class _ReplicaSim:
         group.clock.jump_to(arrival_s)  # an idle group starts now; a busy one takes it after its step
         r = self.requests[index]
         self.result.records[index].arrival_s = arrival_s
+        self.arrivals.append(arrival_s)
         group.core.add_request(_add_message(index, r, arrival_s))
         if r.max_tokens > r.num_output_tokens:
             self.eos_after[str(index)] = r.num_output_tokens
@@ -234,12 +253,15 @@ class _ReplicaSim:
         throttled = usage >= self.config.monitor.drop_usage and num_pending >= num_free and num_pending > 0
         if throttled and self.result.throttled_s is None:
             self.result.throttled_s = now
-        can_drop = self.config.mode == "drop" and len(self.groups) > 1
+        can_drop = self.config.mode.startswith("drop") and len(self.groups) > 1
         if throttled and not can_drop and self.result.limit_s is None:
             self.result.limit_s = now
-        if self.config.mode != "drop":
+        if not self.config.mode.startswith("drop"):
             return False
         if self.monitor.should_drop(num_pending, num_free):
+            if self.config.mode == "drop" and not self._estimate(now, waiting, num_free).pays_off:
+                self.result.num_drops_refused += 1
+                return False
             demand = num_pending - num_free
             plan = plan_drop([g.replica_ids for g in self.groups], self.config.drop.layer_blocks, demand)
             if not plan.is_empty and self._regroup(list(plan.groups)):
@@ -252,6 +274,31 @@ class _ReplicaSim:
                 self.result.num_restores += 1
                 return True
         return False
+
+    def _measure(self, runner: SimulatedRunner) -> None:
+        """EWMAs of a DP step and, from steps that are mostly prefill, of the seconds per prompt token."""
+        shape, seconds = runner.last_shape, runner.last_seconds
+        self.dp_step_s = seconds if not self.dp_step_s else 0.8 * self.dp_step_s + 0.2 * seconds
+        num_tokens = shape.prefill_tokens + shape.num_decode
+        if num_tokens and shape.prefill_tokens >= 0.8 * num_tokens:
+            per_token = seconds / num_tokens
+            self.dp_token_s = per_token if not self.dp_token_s else 0.8 * self.dp_token_s + 0.2 * per_token
+
+    def _estimate(self, now: float, waiting: list, num_free: int) -> DropEstimate:
+        """The cost check with the drop model's numbers: a 2-stage merge moves half of each running block's
+        layers, and the pipeline step is (m + k − 1) / m data-parallel steps (PipelineSimRunner, linear cost)."""
+        drop, k = self.config.drop, 2
+        running = [r for g in self.groups for r in g.scheduler.running]
+        num_blocks = sum(len(set(r.block_ids)) for r in running)
+        costs = DropCosts(
+            exchange_s=num_blocks * (k - 1) / k * drop.exchange_s_per_block,
+            step_s=self.dp_step_s,
+            token_s=self.dp_token_s,
+            arrival_rate=arrival_rate(self.arrivals, now, self.config.monitor),
+            dwell_s=self.config.monitor.min_pipeline_s,
+            slowdown=(drop.micro_batches + k - 1) / drop.micro_batches,
+        )
+        return estimate_drop(running, waiting, num_free, self.config.scheduler.block_size, costs)
 
     def _regroup(self, layouts: list[tuple[int, ...]]) -> bool:
         kept = [g for g in self.groups if g.replica_ids in layouts]

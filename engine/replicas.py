@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,18 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core import EngineCore, build_scheduler, queue_stats
-from engine.kunserve import MemoryMonitor, MonitorConfig, adopt, plan_drop, plan_moves, split_layers
+from engine.kunserve import (
+    DropCosts,
+    DropEstimate,
+    MemoryMonitor,
+    MonitorConfig,
+    adopt,
+    arrival_rate,
+    estimate_drop,
+    plan_drop,
+    plan_moves,
+    split_layers,
+)
 from engine.model import KVCache
 from engine.pipeline import PipelineRunner, Stage, gather_kv, keep_layers, layer_bytes, scatter_kv
 from engine.protocol import AddRequest, BatchComposition, EngineStats, Ready, TokenDelta
@@ -96,7 +108,17 @@ class ReplicaEngine:
         self._pending: list[TokenDelta] = []
         self._retired = dict.fromkeys(_TOTALS, 0)  # counters of schedulers a regroup replaced
         self._last_step_seconds = 0.0
-        self.num_drops_total = self.num_restores_total = 0
+        self.num_drops_total = self.num_restores_total = self.num_drops_refused_total = 0
+        # The cost check's measured numbers (engine/kunserve.py estimate_drop): copy bandwidth (a host round trip
+        # now, then each regroup's staging), seconds per step and per sampled token in each mode (EWMA).
+        self.copy_bytes_per_s = measure_copy_bandwidth(runners[0].device)
+        self.dp_step_s = self.dp_prefill_token_s = 0.0
+        self._token_s = {False: 0.0, True: 0.0}  # seconds per scheduled token, by is_pipelined
+        self.last_estimate: DropEstimate | None = None
+        self._arrivals: deque[float] = deque(maxlen=10_000)  # scheduler-clock arrival times, for the rate
+        self.last_exchange_bytes = (
+            0  # KV bytes the last regroup copied (out of the old pools and into the new)
+        )
         self.num_placements: dict[str, int] = {}  # balancer placements by reason (engine/balance.py)
         self.freed_weight_bytes = 0  # decoder-layer bytes not resident now (0 in data-parallel mode)
 
@@ -105,6 +127,7 @@ class ReplicaEngine:
     def add_request(self, msg: AddRequest) -> None:
         if any(msg.request_id in g.scheduler.requests for g in self.groups):
             raise ValueError(f"duplicate request id {msg.request_id!r}")
+        self._arrivals.append(self.clock())  # KunServe's cost check reads the arrival rate
         request = Request.from_message(msg)
         balancer = self.groups[0].scheduler.policy.balancer  # every group runs the same policy
         placement = balancer.place(request, [g.scheduler for g in self.groups])
@@ -129,6 +152,10 @@ class ReplicaEngine:
             if group.scheduler.has_unfinished:
                 deltas.extend(group.core.step())
         self._last_step_seconds = time.perf_counter() - start
+        batches = [g.scheduler.last_batch for g in self.groups if g.scheduler.running]
+        num_prefill = sum(b.num_prefill_tokens for b in batches)
+        if num_tokens := num_prefill + sum(b.num_decode_tokens for b in batches):
+            self._measure_step(self._last_step_seconds, num_tokens, num_prefill)
         self._watch_memory()
         return deltas
 
@@ -150,9 +177,57 @@ class ReplicaEngine:
         )  # one block size everywhere
         num_free = num_total - num_used
         if self.param_drop and self.monitor.should_drop(num_pending, num_free):
+            if self.monitor.config.cost_check:
+                self.last_estimate = estimate = self._estimate_drop(waiting, num_free)
+                if not estimate.pays_off:
+                    self.num_drops_refused_total += 1
+                    logger.debug(
+                        "KunServe drop refused: costs %.2f s > gains %.2f s", *vars(estimate).values()
+                    )
+                    return
             self.drop((num_pending - num_free) * self.num_layers * self.layer_block_bytes)
         elif self.is_pipelined and self.monitor.should_restore(len(waiting), num_used, self.num_dp_blocks):
             self.restore()
+
+    def _measure_step(self, seconds: float, num_tokens: int, num_prefill: int, alpha: float = 0.2) -> None:
+        """EWMAs: a DP step, seconds per scheduled token in each mode, and seconds per prompt token from steps
+        that are mostly prefill (decode steps are memory-bound and would overstate a prompt token's cost)."""
+
+        def ewma(old: float, new: float) -> float:
+            return new if not old else (1 - alpha) * old + alpha * new
+
+        mode = self.is_pipelined
+        if not mode:
+            self.dp_step_s = ewma(self.dp_step_s, seconds)
+            if num_prefill >= 0.8 * num_tokens:
+                self.dp_prefill_token_s = ewma(self.dp_prefill_token_s, seconds / num_tokens)
+        self._token_s[mode] = ewma(self._token_s[mode], seconds / num_tokens)
+
+    @property
+    def pipeline_slowdown(self) -> float:
+        """Measured once both modes have run (seconds per scheduled token, pipeline over data-parallel); before,
+        a prior: stages that share one device (CPU) run the same work one after the other either way (1.0);
+        on k devices, one micro-batch in flight makes a step k stage-times long where DP ran k batches at once."""
+        if self._token_s[True] and self._token_s[False]:
+            return self._token_s[True] / self._token_s[False]
+        return 1.0 if len({r.device for r in self.runners}) == 1 else float(len(self.runners))
+
+    def exchange_bytes(self, num_blocks: int) -> int:
+        """KV bytes a drop copies for `num_blocks` running blocks: every layer out to host and back in."""
+        return 2 * num_blocks * self.num_layers * self.layer_block_bytes
+
+    def _estimate_drop(self, waiting: list[Request], num_free: int) -> DropEstimate:
+        running = [r for g in self.groups for r in g.scheduler.running]
+        num_blocks = sum(len(set(r.block_ids)) for r in running)
+        costs = DropCosts(
+            exchange_s=self.exchange_bytes(num_blocks) / self.copy_bytes_per_s,
+            step_s=self.dp_step_s,
+            token_s=self.dp_prefill_token_s,
+            arrival_rate=arrival_rate(self._arrivals, self.clock(), self.monitor.config),
+            dwell_s=self.monitor.config.min_pipeline_s,
+            slowdown=self.pipeline_slowdown,
+        )
+        return estimate_drop(running, waiting, num_free, self.block_size, costs)
 
     def drop(self, demand_bytes: int) -> bool:
         """Merge groups (plan_drop) until `demand_bytes` of weights are freed or one group is left."""
@@ -185,21 +260,28 @@ class ReplicaEngine:
         if (moves := plan_moves([(g.replica_ids, g.scheduler) for g in old], new, capacity)) is None:
             logger.info("regroup to %s refused: the running requests do not fit the new pools", layouts)
             return False
+        copy_start = time.perf_counter()
         staged = {  # (old group, new layout) -> host KV of the blocks that move, rows in block_map order
             key: gather_kv(old[key[0]].stages, list(move.block_map))
             for key, move in moves.items()
             if move.block_map
         }
+        copy_s = time.perf_counter() - copy_start
         for group in old:
             self._retire(group)
         for ids in new:  # weights first: a replica that drops layers frees them before its new pool exists
             for replica_id, layers in zip(ids, split_layers(self.num_layers, len(ids)), strict=True):
                 keep_layers(self.runners[replica_id], layers, self.host_layers)
         groups = {ids: self._build_group(ids, capacity[ids]) for ids in new}
+        copy_start = time.perf_counter()
         for (gi, ids), move in moves.items():
             if move.block_map:
                 scatter_kv(groups[ids].stages, list(move.block_map.values()), staged[gi, ids])
             adopt(groups[ids].scheduler, move)
+        copy_s += time.perf_counter() - copy_start
+        self.last_exchange_bytes = 2 * sum(t.numel() * t.element_size() for t in staged.values())
+        if self.last_exchange_bytes and copy_s > 0:
+            self.copy_bytes_per_s = 0.5 * self.copy_bytes_per_s + 0.5 * self.last_exchange_bytes / copy_s
         for runner in self.runners:
             runner.forget_generators()
         self.groups = sorted(kept + list(groups.values()), key=lambda g: g.replica_ids)
@@ -260,6 +342,7 @@ class ReplicaEngine:
         extra |= {
             "kunserve_drops_total": float(self.num_drops_total),
             "kunserve_restores_total": float(self.num_restores_total),
+            "kunserve_drops_refused_total": float(self.num_drops_refused_total),
             "kunserve_freed_weight_bytes": float(self.freed_weight_bytes),
             "kunserve_monitor_usage": self.monitor.usage,
         }
@@ -295,6 +378,17 @@ class ReplicaEngine:
             device=",".join(r.device for r in self.runners),
             policy=self.groups[0].scheduler.policy.name,
         )
+
+
+def measure_copy_bandwidth(device: str, num_bytes: int = 8 << 20) -> float:
+    """Bytes per second of a device -> host -> device round trip of `num_bytes` (the KV exchange's path), one
+    direction's worth: 2 * bytes / seconds. A regroup then refines it with its own staging time."""
+    x = torch.empty(num_bytes // 4, dtype=torch.float32, device=device)
+    start = time.perf_counter()
+    y = x.cpu().to(device, copy=True)
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)
+    return 2 * num_bytes / max(time.perf_counter() - start, 1e-9)
 
 
 def replica_devices(device: str, num_replicas: int) -> list[str]:

@@ -36,7 +36,7 @@ def test_quick_sim_part_through_the_cli(tmp_path, capsys) -> None:
     result = orjson.loads((out / "sim.json").read_bytes())
     assert result["label"] == "SIMULATED" and result["meta"]["quick"] is True
     rows = {r["mode"]: r for r in result["rows"]}
-    assert set(rows) == {"recompute", "swap", "drop"}
+    assert set(rows) == {"recompute", "swap", "drop", "drop-always"}
     for r in rows.values():
         assert r["workload"] == "azure-conv" and r["num_requests"] == 150 and 0 < r["num_done"] <= 150
         assert r["command"].startswith("python -m engine.kunserve_experiment --workload azure-conv")

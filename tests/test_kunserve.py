@@ -14,10 +14,11 @@ import pytest
 
 from engine.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core import EngineCore, build_scheduler
-from engine.kunserve import MemoryMonitor, MonitorConfig, plan_drop, split_layers
+from engine.kunserve import DropCosts, MemoryMonitor, MonitorConfig, estimate_drop, plan_drop, split_layers
 from engine.model import KVCache
 from engine.protocol import AddRequest, EngineStats, SamplingParams
 from engine.replicas import ReplicaEngine
+from engine.request import Request
 from engine.runner import ModelRunner
 from engine.weights import load_weights
 
@@ -260,6 +261,67 @@ def test_restore_hysteresis_does_not_flap_on_a_hovering_trace() -> None:
     spike = [60 + 70 * i / 20 for i in range(20)] + [40 - i / 10 for i in range(200)]  # keeps falling
     (dropped_at, _), (restored_at, _) = replay_usage(MonitorConfig(window=5, min_pipeline_s=5.0), spike)
     assert restored_at - dropped_at >= 5.0 - 1e-9
+
+
+def scripted_request(name: str, prompt_len: int, max_tokens: int, num_out: int) -> Request:
+    """A request with `num_out` tokens decoded and the blocks its tokens fill (block size 16)."""
+    request = Request(name, [5] * prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    request.output_token_ids = [7] * num_out
+    request.block_ids = list(range(-(-request.num_tokens // 16))) if num_out else []
+    return request
+
+
+def test_cost_check_takes_a_drop_that_saves_queueing() -> None:
+    """A memory spike: 8 running requests of 64 tokens with 400 still to decode will fill 29 blocks each, far more
+    than the 34 blocks there are; 4 prompts of 64 tokens (11 blocks at their full 164) wait, 2 more arrive per
+    second. Without a drop nothing is admitted before the running requests end (400 steps of 30 ms = 12 s), and
+    the fourth waits for the first of them to end too (100 steps more); each prefill takes only 6.4 ms."""
+    running = [scripted_request(f"r{i}", 60, 404, 4) for i in range(8)]
+    waiting = [scripted_request(f"w{i}", 64, 100, 0) for i in range(4)]
+    costs = DropCosts(
+        exchange_s=0.05, step_s=0.03, token_s=1e-4, slowdown=1.05, arrival_rate=2.0, dwell_s=5.0
+    )
+    estimate = estimate_drop(running, waiting, num_free_blocks=2, block_size=16, costs=costs)
+    compute = [0.0064 * (i + 1) for i in range(4)]  # each waits for the prefills before it and its own
+    memory = [12.0, 12.0, 12.0, 15.0]
+    rho = 2.0 * 64 * 1e-4  # the arrivals' prefill load: a memory-bound burst
+    excess = memory[-1] - compute[-1]
+    expected = sum(m - c for m, c in zip(memory, compute, strict=True)) + (1 - rho) * 2.0 * excess**2 / 2
+    assert estimate.gain_s == pytest.approx(expected)
+    # Everyone stalls 50 ms; 8 x 400 + 4 x 100 tokens decode 5 % slower, and the queue's prefills too.
+    assert estimate.cost_s == pytest.approx(0.05 * 12 + 0.05 * (0.03 * 3600 + sum(compute)))
+    assert estimate.pays_off
+
+
+def test_cost_check_refuses_a_drop_that_costs_more_than_it_saves() -> None:
+    """A compute spike (E4's Azure-code shape): the running requests are 3 tokens from their end, the queue's
+    2000-token prompts wait for prefill compute (2 s each) longer than for memory (0.15 s), and arrivals keep 20x
+    more prefill work coming than the device does: the drop's slower pipeline would only make that queue longer."""
+    running = [scripted_request(f"r{i}", 2000, 32, 29) for i in range(4)]
+    waiting = [scripted_request(f"w{i}", 2000, 32, 0) for i in range(4)]
+    costs = DropCosts(exchange_s=2.0, step_s=0.05, token_s=1e-3, slowdown=1.5, arrival_rate=10.0, dwell_s=5.0)
+    estimate = estimate_drop(running, waiting, num_free_blocks=0, block_size=16, costs=costs)
+    assert estimate.gain_s == 0.0  # memory frees in 0.15 s, sooner than any prompt's compute wait
+    rho = 10.0 * 2000 * 1e-3
+    queue = 0.5 * (0.05 * (4 * 3 + 4 * 32) + (2 + 4 + 6 + 8))
+    arrivals = 0.5 * 10.0 * 5.0 * ((rho - 1) * 5.0 / 2 + 2.0)
+    assert estimate.cost_s == pytest.approx(2.0 * 8 + queue + arrivals)
+    assert not estimate.pays_off
+
+
+def test_engine_counts_a_refused_drop(tiny_llama_dir: Path) -> None:
+    """The engine asks the cost check on every drop vote: with a pipeline slowdown measured as huge the burst is
+    served by recompute preemption, no regroup happens, and the refusals are counted in the stats."""
+    waves = {0: requests("a", 8, seed=3, max_tokens=48), 4: requests("b", 8, seed=4, max_tokens=30)}
+    expected = run(make_single(tiny_llama_dir), waves)
+    clock = StepClock()
+    engine = make_replicas(tiny_llama_dir, num_blocks=40, monitor=MonitorConfig(window=5), clock=clock)
+    engine._token_s = {False: 1e-3, True: 1.0}  # as if a pipeline step had been measured 1000x slower
+    got = run(engine, waves, clock=clock)
+    assert got == expected
+    assert engine.num_drops_total == 0 and engine.num_drops_refused_total >= 1
+    assert engine.stats().extra["kunserve_drops_refused_total"] == engine.num_drops_refused_total
+    assert not engine.last_estimate.pays_off
 
 
 def test_block_bytes_match_the_layout(tiny_llama_dir: Path) -> None:

@@ -40,7 +40,8 @@ def config(mode: str) -> ReplicaSimConfig:
 
 
 def test_drop_grows_the_pool_and_restores() -> None:
-    result = simulate_replicas(burst(), COST, config("drop"))
+    """The mechanics, on the monitor's vote alone (drop-always: no cost check)."""
+    result = simulate_replicas(burst(), COST, config("drop-always"))
     assert all(r.is_done for r in result.records)
     assert result.num_drops >= 1 and result.num_restores >= 1
     assert [blocks for _, blocks in result.capacity[:3]] == [120, 180, 120]  # 2 x 60, + 60 freed, back
