@@ -57,8 +57,11 @@ class LeastLoaded:
 class RwtBalancer:
     """QLM's load balancing by the RWT estimate (module docstring)."""
 
-    def __init__(self, quantile: float = 0.99) -> None:
+    def __init__(self, quantile: float = 0.99, join_groups: bool = True) -> None:
         self.estimator = RwtEstimator(quantile)
+        self.join_groups = (
+            join_groups  # False: least estimated wait only (an ablation, engine/balance_experiment.py)
+        )
 
     def place(self, request: Request, schedulers: list[Scheduler]) -> Placement:
         schedulers[0].resolve_model(request)  # "" = the first model, as the waiting requests were named
@@ -66,7 +69,7 @@ class RwtBalancer:
         best = min(range(len(schedulers)), key=lambda i: (waits[i], load_key(schedulers[i])))
         key = group_key(request)
         joined = [i for i, s in enumerate(schedulers) if any(group_key(r) == key for r in s.waiting)]
-        if not joined:
+        if not joined or not self.join_groups:
             return Placement(best, "least_wait", waits)
         home = min(joined, key=lambda i: waits[i])
         slack = schedulers[home].slo_targets.get(request.slo_class, request.slo).tightness

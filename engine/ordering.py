@@ -129,6 +129,21 @@ class QlmOrder:
         return front + self.base.waiting_order(rest)
 
 
+class QlmLpOrder(QlmOrder):
+    """QLM with its LP reorder (engine/qlm_lp.py): while the violation check holds a solved plan, the waiting
+    requests go in the plan's group order (members FCFS), the rest after them in `base`'s order; without a plan
+    (no violation, too many groups, infeasible) as QlmOrder: urgent groups first, earliest deadline first."""
+
+    def waiting_order(self, waiting: list[Request]) -> list[Request]:
+        if not (plan := self.urgency.plan):
+            return super().waiting_order(waiting)
+        planned = sorted(
+            (r for r in waiting if r.request_id in plan), key=lambda r: (plan[r.request_id], r.queued_time)
+        )
+        rest = [r for r in waiting if r.request_id not in plan]
+        return planned + self.base.waiting_order(rest)
+
+
 # ---- orderings that keep accounts (Justitia, VTC) -----------------------------------------------------------
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from engine.ordering import (
     FcfsOrder,
     NoObserver,
     Ordering,
+    QlmLpOrder,
     QlmOrder,
     RequestObserver,
     ShortestRemainingOrder,
@@ -178,6 +180,14 @@ def qlm(config: SchedulerConfig) -> SchedulingPolicy:
     )
 
 
+def qlm_lp(config: SchedulerConfig) -> SchedulingPolicy:
+    """qlm with QLM's LP reorder (papers.md §4.3 "lp", engine/qlm_lp.py): when a group is found urgent, the order of
+    the virtual queue's groups that minimizes their summed start times with every group starting by its deadline,
+    solved exactly (HiGHS) for up to 8 groups; EDF over the urgent groups when larger or infeasible."""
+    monitor = QlmMonitor(config.qlm_tick_s, config.qlm_quantile, reorder="lp")
+    return dataclasses.replace(qlm(config), name="qlm-lp", ordering=QlmLpOrder(monitor), slo=monitor)
+
+
 def kairos(config: SchedulerConfig) -> SchedulingPolicy:
     """The composition (DESIGN §4), each part an existing object:
 
@@ -228,6 +238,7 @@ POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {
     "vtc": vtc,
     "edf": edf,
     "qlm": qlm,
+    "qlm-lp": qlm_lp,
     "kairos": kairos,
 }
 

@@ -233,8 +233,15 @@ class NoSloMonitor:
 class QlmMonitor:
     """The violation check every `tick_s`: virtual queue → RWT → urgent groups; logs estimates vs actual waits."""
 
-    def __init__(self, tick_s: float = 0.1, quantile: float = 0.99) -> None:
+    def __init__(self, tick_s: float = 0.1, quantile: float = 0.99, reorder: str = "edf") -> None:
+        if reorder not in ("edf", "lp"):
+            raise ValueError(f"QLM reorder must be 'edf' or 'lp', got {reorder!r}")
         self.tick_s = tick_s
+        self.reorder = (
+            reorder  # "lp": solve QLM's program when a group is urgent (engine/qlm_lp.py), else EDF
+        )
+        self.plan: dict[str, int] = {}  # request id -> position of its group in the LP's order ({}: no plan)
+        self.num_lp_attempts_total = self.num_lp_fallbacks_total = 0
         self.estimator = RwtEstimator(quantile)
         self.meter = StepMeter()
         self.urgent_ids: set[str] = set()
@@ -257,7 +264,14 @@ class QlmMonitor:
             "qlm_rwt_pairs": float(len(errors)),
             "qlm_rwt_mean_error_s": sum(errors) / len(errors) if errors else 0.0,
             "qlm_rwt_mean_abs_error_s": sum(map(abs, errors)) / len(errors) if errors else 0.0,
-        }
+        } | (
+            {
+                "qlm_lp_attempts_total": self.num_lp_attempts_total,
+                "qlm_lp_fallbacks_total": self.num_lp_fallbacks_total,
+            }
+            if self.reorder == "lp"
+            else {}
+        )
 
     def tick(
         self,
@@ -281,6 +295,8 @@ class QlmMonitor:
         urgent = [g for g, w in zip(queue, waits, strict=True) if now + w > g.deadline]
         self.num_violations_total += len(urgent)
         self.urgent_ids = {r.request_id for g in urgent for r in g.requests}
+        order = self._lp_order(now, queue, in_flight, theta) if urgent and self.reorder == "lp" else None
+        self.plan = {r.request_id: rank for rank, k in enumerate(order or ()) for r in queue[k].requests}
         # The order the requests will be served in: urgent groups first, earliest deadline first (papers.md §4.3
         # "edf" reorder), then the rest FCFS. Log each request's wait estimated on that order at first sight
         # with Θ measured (before the first step an estimate is a guess, and would only flatter or blame Θ).
@@ -288,12 +304,32 @@ class QlmMonitor:
             return
         urgent.sort(key=lambda g: g.deadline)
         final = urgent + [g for g in queue if g.requests[0].request_id not in self.urgent_ids]
+        if order is not None:
+            final = [queue[k] for k in order]
         for group, wait in zip(final, self.estimator.waits(final, theta, in_flight), strict=True):
             ahead_in_group = 0.0  # a group runs as a unit in QLM; a request's own wait also has its elders
             for r in group.requests:
                 if r.request_id not in self._estimated and r.first_scheduled_time is None:
                     self._estimated[r.request_id] = (r, now - r.queued_time + wait + ahead_in_group / theta)
                 ahead_in_group += length_moments(r)[0]
+
+    def _lp_order(
+        self, now: float, queue: list[RequestGroup], in_flight: RequestGroup, theta: float | None
+    ) -> list[int] | None:
+        """QLM's LP reorder of `queue` (engine/qlm_lp.py), or None: no Θ yet, too many groups, or infeasible (the
+        caller keeps the EDF order of the urgent groups)."""
+        if not theta:
+            return None
+        from engine.qlm_lp import lp_order  # scipy: imported only by the policy that uses it
+
+        def seconds(group: RequestGroup) -> float:
+            return (group.sum_mu + self.estimator.z * math.sqrt(group.sum_var)) / theta
+
+        self.num_lp_attempts_total += 1
+        costs = [seconds(g) + g.swap_in_s for g in queue]
+        order = lp_order(costs, [g.deadline for g in queue], now + seconds(in_flight))
+        self.num_lp_fallbacks_total += order is None
+        return order
 
     def _log_actual_waits(self) -> None:
         for request_id, (request, estimate) in list(self._estimated.items()):
