@@ -5,11 +5,12 @@
     PipelineRunner    the Runner of a group of k ≥ 2 stages: embed on stage 0, each stage runs its layers on its
                       own KV, hidden states [T, hidden] are handed to the next stage's device, logits and sampling
                       on the last stage. One block id names the same block in every stage's pool.
-    gather_kv /       KV exchange (papers.md §2.2 item 5): copy blocks out of a group's stages into one host tensor
-    scatter_kv        [L, 2, n, bs, KVH, D] (every layer), and from it into another group's stages. A regroup
-                      stages everything through host memory so that the old pools are freed before the new ones are
-                      allocated: device memory never holds both (the paper instead maps freed weight pages into
-                      the pool with GPU virtual memory, and exchanges peer to peer).
+    exchange_kv       KV exchange (papers.md §2.2 item 5), layer by layer: a layer whose replica keeps it is copied
+                      on that replica's device (old pool to new pool); only the layers that change replica travel,
+                      through a host buffer of one layer's blocks. In a 2-replica merge r0's requests move only
+                      layers [L/2, L) and r1's only [0, L/2): half of the KV crosses. The price: a replica holds its
+                      old and new pools side by side during a regroup. The paper avoids both copy and peak by
+                      mapping the freed weight pages into the pool with GPU virtual memory (not built).
     keep_layers       drop the decoder layers a replica no longer serves (their tensors are released) and reload the
                       ones it serves again from the host copy.
 
@@ -56,22 +57,32 @@ def keep_layers(runner: ModelRunner, layers: range, host_layers: list[LayerWeigh
             )
 
 
-def gather_kv(stages: list[Stage], block_ids: list[int]) -> torch.Tensor:
-    """Blocks `block_ids` of a group, every layer, into one host tensor [L, 2, n, bs, KVH, D] (stage order)."""
-    parts = []
-    for stage in stages:
-        index = torch.tensor(block_ids, dtype=torch.int64, device=stage.kv.storage.device)
-        parts.append(stage.kv.storage.index_select(2, index).cpu())
-    return torch.cat(parts)
+@dataclass
+class ExchangeBytes:
+    moved: int = 0  # KV bytes that changed replica (through a host buffer of one layer's blocks)
+    local: int = 0  # KV bytes copied on their own replica's device (old pool to new pool)
 
 
-def scatter_kv(stages: list[Stage], block_ids: list[int], host: torch.Tensor) -> None:
-    """Inverse of gather_kv into another group: row j of `host` goes to block block_ids[j] of every stage."""
-    for stage in stages:
-        storage = stage.kv.storage
-        index = torch.tensor(block_ids, dtype=torch.int64, device=storage.device)
-        rows = host[stage.layers.start : stage.layers.stop].to(storage.device)
-        storage.index_copy_(2, index, rows)
+def exchange_kv(
+    old: list[Stage], new: list[Stage], src_ids: list[int], dst_ids: list[int], tally: ExchangeBytes
+) -> None:
+    """Blocks `src_ids` of a dissolved group's stages into blocks `dst_ids` of a new group's stages, one layer at a
+    time. A layer kept by the same replica is copied on its device; a layer that changes replica goes through a host
+    buffer of that one layer's blocks [2, n, bs, KVH, D] (papers.md §2.2 item 5: the authors chunk the exchange per
+    layer so activations can pre-empt it between layers; here it also bounds the staging buffer)."""
+    for dst in new:
+        rows = torch.tensor(dst_ids, dtype=torch.int64, device=dst.kv.storage.device)
+        for layer in dst.layers:
+            src = next(s for s in old if layer in s.layers)
+            index = torch.tensor(src_ids, dtype=torch.int64, device=src.kv.storage.device)
+            chunk = src.kv.storage[layer - src.layers.start].index_select(1, index)  # [2, n, bs, KVH, D]
+            num_bytes = chunk.numel() * chunk.element_size()
+            if src.runner is dst.runner:
+                tally.local += num_bytes
+            else:
+                chunk = chunk.cpu().to(dst.kv.storage.device)
+                tally.moved += num_bytes
+            dst.kv.storage[layer - dst.layers.start].index_copy_(1, rows, chunk)
 
 
 class PipelineRunner:

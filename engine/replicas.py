@@ -11,15 +11,19 @@ single-replica engine), a PipelineRunner for k ≥ 2 (engine/pipeline.py). The p
     pipeline           [r0: layers 0..L/2, pool P] → [r1: layers L/2..L, pool P]      one block id, both pools
 
 Regroup (drop and restore are the same move): plan where every request of the dissolved groups goes and which
-block it gets there (refuse if it does not fit), copy those blocks' KV (every layer) to host memory, free the old
-pools, drop or reload decoder layers, allocate the new pools, copy the KV back in, and hand the requests to the new
-schedulers with their progress. No running request is preempted or restarted. A stage's pool is sized from its
-replica's memory: its data-parallel KV bytes plus the bytes of the layers it dropped, divided by the bytes a block
-costs for its layers only. So a 2-replica merge grows the pool by (one copy of the layers) // (block bytes).
+block it gets there (refuse if it does not fit), drop or reload decoder layers, allocate the new pools, exchange
+the KV layer by layer (engine/pipeline.py exchange_kv: a layer that stays on its replica is copied on its device,
+only the layers that change replica cross, one layer's blocks at a time), free the old pools, and hand the
+requests to the new schedulers with their progress. No running request is preempted or restarted. A stage's pool
+is sized from its replica's memory: its data-parallel KV bytes plus the bytes of the layers it dropped, divided by
+the bytes a block costs for its layers only. So a 2-replica merge grows the pool by (one copy of the layers) //
+(block bytes).
 
 Memory accounting on CPU: each replica's weights are its own tensors and the budget (--device-memory or
---kv-cache-memory) is enforced by sizing, as on a GPU; the host copy of the layers (for restore) and the staging of
-KV during a regroup are host memory, which on CPU is the same RAM. Swapped-out requests of a dissolved group are
+--kv-cache-memory) is enforced by sizing, as on a GPU, except during a regroup: a replica then holds its old and
+new KV pools side by side while the exchange copies (a GPU would need that headroom, or the paper's mapping of
+freed weight pages into the pool; untested, no GPU here). The host copy of the layers (for restore) and the
+one-layer staging buffers are host memory, which on CPU is the same RAM. Swapped-out requests of a dissolved group are
 recomputed (a pipeline group has no host swap pool), and fair-queuing state restarts with the new scheduler.
 """
 
@@ -49,7 +53,7 @@ from engine.kunserve import (
     split_layers,
 )
 from engine.model import KVCache
-from engine.pipeline import PipelineRunner, Stage, gather_kv, keep_layers, layer_bytes, scatter_kv
+from engine.pipeline import ExchangeBytes, PipelineRunner, Stage, exchange_kv, keep_layers, layer_bytes
 from engine.protocol import AddRequest, BatchComposition, EngineStats, Ready, TokenDelta
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, pick_device
@@ -116,9 +120,7 @@ class ReplicaEngine:
         self._token_s = {False: 0.0, True: 0.0}  # seconds per scheduled token, by is_pipelined
         self.last_estimate: DropEstimate | None = None
         self._arrivals: deque[float] = deque(maxlen=10_000)  # scheduler-clock arrival times, for the rate
-        self.last_exchange_bytes = (
-            0  # KV bytes the last regroup copied (out of the old pools and into the new)
-        )
+        self.last_exchange = ExchangeBytes()  # KV bytes the last regroup moved between replicas / kept local
         self.num_placements: dict[str, int] = {}  # balancer placements by reason (engine/balance.py)
         self.freed_weight_bytes = 0  # decoder-layer bytes not resident now (0 in data-parallel mode)
 
@@ -213,8 +215,12 @@ class ReplicaEngine:
         return 1.0 if len({r.device for r in self.runners}) == 1 else float(len(self.runners))
 
     def exchange_bytes(self, num_blocks: int) -> int:
-        """KV bytes a drop copies for `num_blocks` running blocks: every layer out to host and back in."""
-        return 2 * num_blocks * self.num_layers * self.layer_block_bytes
+        """KV bytes a 2-replica merge moves between replicas for `num_blocks` running blocks: about half of the
+        layers of each (the ones its replica drops; exchange_kv). Local copies are not counted: on a GPU they run
+        at device bandwidth, an order of magnitude above the link's."""
+        return (
+            num_blocks * (self.num_layers - len(split_layers(self.num_layers, 2)[0])) * self.layer_block_bytes
+        )
 
     def _estimate_drop(self, waiting: list[Request], num_free: int) -> DropEstimate:
         running = [r for g in self.groups for r in g.scheduler.running]
@@ -260,28 +266,24 @@ class ReplicaEngine:
         if (moves := plan_moves([(g.replica_ids, g.scheduler) for g in old], new, capacity)) is None:
             logger.info("regroup to %s refused: the running requests do not fit the new pools", layouts)
             return False
-        copy_start = time.perf_counter()
-        staged = {  # (old group, new layout) -> host KV of the blocks that move, rows in block_map order
-            key: gather_kv(old[key[0]].stages, list(move.block_map))
-            for key, move in moves.items()
-            if move.block_map
-        }
-        copy_s = time.perf_counter() - copy_start
-        for group in old:
-            self._retire(group)
         for ids in new:  # weights first: a replica that drops layers frees them before its new pool exists
             for replica_id, layers in zip(ids, split_layers(self.num_layers, len(ids)), strict=True):
                 keep_layers(self.runners[replica_id], layers, self.host_layers)
+        old_stages = [list(g.stages) for g in old]  # their pools live until the exchange has read them
+        for group in old:
+            self._retire(group)
         groups = {ids: self._build_group(ids, capacity[ids]) for ids in new}
-        copy_start = time.perf_counter()
+        copy_start, tally = time.perf_counter(), ExchangeBytes()
         for (gi, ids), move in moves.items():
             if move.block_map:
-                scatter_kv(groups[ids].stages, list(move.block_map.values()), staged[gi, ids])
+                src_ids, dst_ids = list(move.block_map), list(move.block_map.values())
+                exchange_kv(old_stages[gi], groups[ids].stages, src_ids, dst_ids, tally)
             adopt(groups[ids].scheduler, move)
-        copy_s += time.perf_counter() - copy_start
-        self.last_exchange_bytes = 2 * sum(t.numel() * t.element_size() for t in staged.values())
-        if self.last_exchange_bytes and copy_s > 0:
-            self.copy_bytes_per_s = 0.5 * self.copy_bytes_per_s + 0.5 * self.last_exchange_bytes / copy_s
+        copy_s = time.perf_counter() - copy_start
+        old_stages.clear()  # frees the old pools
+        self.last_exchange = tally
+        if tally.moved and copy_s > 0:
+            self.copy_bytes_per_s = 0.5 * self.copy_bytes_per_s + 0.5 * (tally.moved + tally.local) / copy_s
         for runner in self.runners:
             runner.forget_generators()
         self.groups = sorted(kept + list(groups.values()), key=lambda g: g.replica_ids)
@@ -298,7 +300,8 @@ class ReplicaEngine:
         return min(counts)
 
     def _retire(self, group: Group) -> None:
-        """Keep the counters of a scheduler that goes away, and free its KV pools (their content is staged)."""
+        """Keep the counters of a scheduler that goes away, and let go of its KV pools (the exchange holds them
+        until it has read them)."""
         stats = group.core.stats()
         for name in _TOTALS:
             self._retired[name] += getattr(stats, name)

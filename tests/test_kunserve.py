@@ -121,7 +121,12 @@ def test_outputs_identical_across_drop_and_restore(tiny_llama_dir: Path, policy:
         blocks = [g.scheduler.block_manager for g in engine.groups]
         num_free, num_total = sum(b.num_free_blocks for b in blocks), sum(b.num_blocks for b in blocks)
         running = {r.request_id for g in engine.groups for r in g.scheduler.running}
+        num_blocks = sum(len(set(r.block_ids)) for g in engine.groups for r in g.scheduler.running)
         assert len(running) >= 4 and engine.drop(demand_bytes=1)
+        # r0 keeps layer 0 and r1 layer 1: each request's KV crosses for one layer of two, the other stays put.
+        layer_kv = num_blocks * BYTES_PER_BLOCK // 2
+        assert engine.last_exchange.moved == engine.last_exchange.local == layer_kv > 0
+        assert engine.exchange_bytes(num_blocks) == layer_kv  # what the cost check charges
         (group,) = engine.groups
         assert group.replica_ids == (0, 1) and engine.stats().replica_groups == [[0, 1]]
         freed = sum(engine.layer_bytes)  # one copy of the decoder layers
@@ -138,7 +143,9 @@ def test_outputs_identical_across_drop_and_restore(tiny_llama_dir: Path, policy:
     def restore() -> None:
         running = {r.request_id for g in engine.groups for r in g.scheduler.running}
         assert running & seen["drop"], "no request straddles both transitions"
+        num_blocks = sum(len(set(r.block_ids)) for g in engine.groups for r in g.scheduler.running)
         assert engine.restore()
+        assert engine.last_exchange.moved == engine.last_exchange.local == num_blocks * BYTES_PER_BLOCK // 2
         assert [g.replica_ids for g in engine.groups] == [(0,), (1,)]
         assert engine.stats().replica_groups == [[0], [1]]
         assert {r.request_id for g in engine.groups for r in g.scheduler.running} == running
