@@ -14,9 +14,10 @@
     keep_layers       drop the decoder layers a replica no longer serves (their tensors are released) and reload the
                       ones it serves again from the host copy.
 
-Micro-batches: a step runs the stages one after the other, one batch in flight. On CPU the stages share the same
-cores, so a second micro-batch would only interleave work, not overlap it; on GPUs two micro-batches (the paper's
-lookahead batch formation) would keep both stages busy, and are not built yet.
+Micro-batches: a step splits its batch into two micro-batches balanced by token and attention cost
+(split_micro_batches) and issues them as a wavefront over the stages (PipelineRunner). On CPU the stages share the
+same cores, so this only interleaves work; the overlap it is for needs separate devices (untested, no GPU here).
+The paper's lookahead also re-forms micro-batches from the queue; here the scheduler's batch is split as it is.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batch import ModelOutput, SchedulerOutput
+from engine.batch import ModelOutput, ScheduledRequest, SchedulerOutput
 from engine.model import KVCache
 from engine.runner import ModelRunner, build_forward_batch
 from engine.weights import LayerWeights
@@ -85,12 +86,44 @@ def exchange_kv(
             dst.kv.storage[layer - dst.layers.start].index_copy_(1, rows, chunk)
 
 
-class PipelineRunner:
-    """The Runner (engine/core.py) of one pipeline group; the scheduler sees one pool of `num_kv_blocks`."""
+def request_cost(r: ScheduledRequest, attention_weight: float) -> float:
+    """A request's share of a stage's time: its tokens through the linear layers plus its attention, the query
+    tokens times the keys they see (a prefill chunk of n tokens from position p sees p + (n + 1) / 2 on average).
+    KunServe §lookahead: a token-count model alone misses the attention term by 48–74 % (papers.md §2.4)."""
+    attention_pairs = r.num_tokens * (r.start_position + (r.num_tokens + 1) / 2)
+    return r.num_tokens + attention_weight * attention_pairs
 
-    def __init__(self, stages: list[Stage]) -> None:
+
+def split_micro_batches(
+    scheduled: list[ScheduledRequest], num_micro_batches: int, attention_weight: float
+) -> list[list[ScheduledRequest]]:
+    """Longest-processing-time-first: the costliest request goes to the lightest micro-batch, so their costs
+    differ by at most one request's. Empty micro-batches are left out; each keeps prefills before decodes."""
+    loads = [0.0] * num_micro_batches
+    parts: list[list[ScheduledRequest]] = [[] for _ in range(num_micro_batches)]
+    for r in sorted(scheduled, key=lambda r: -request_cost(r, attention_weight)):
+        i = loads.index(min(loads))
+        parts[i].append(r)
+        loads[i] += request_cost(r, attention_weight)
+    order = {r.request_id: i for i, r in enumerate(scheduled)}
+    return [sorted(p, key=lambda r: (r.num_tokens == 1, order[r.request_id])) for p in parts if p]
+
+
+class PipelineRunner:
+    """The Runner (engine/core.py) of one pipeline group; the scheduler sees one pool of `num_kv_blocks`.
+
+    A step splits the batch into `num_micro_batches` (split_micro_batches) and issues them as a wavefront:
+    at tick t stage s runs micro-batch t − s, so on separate CUDA devices (asynchronous launches, one stream
+    each) stage s+1 works on micro-batch m while stage s works on m + 1. Untested: there is no GPU here. On CPU
+    the stages share the cores and run one after the other, so the split only costs (smaller GEMMs); outputs are
+    the same either way, each request's attention reads its own KV only."""
+
+    def __init__(self, stages: list[Stage], num_micro_batches: int = 2) -> None:
         self.stages = stages
+        self.num_micro_batches = num_micro_batches
         first, last = stages[0].runner, stages[-1].runner
+        # attention pair vs token through the layers, in FLOPs: 4·hidden (QK and PV) vs ~24·hidden² (Llama)
+        self.attention_weight = 1 / (6 * first.model.arch.hidden_size)
         self.num_kv_blocks = min(s.kv.num_blocks for s in stages)
         self.block_size = first.block_size
         self.max_model_len = first.max_model_len
@@ -102,24 +135,32 @@ class PipelineRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         t0 = time.perf_counter()
-        if out.swap_out or out.swap_in:
-            raise ValueError(
-                "a pipeline group has no host swap space"
-            )  # its scheduler gets none (replicas.py)
+        if out.swap_out or out.swap_in:  # its scheduler gets no swap space (replicas.py)
+            raise ValueError("a pipeline group has no host swap space")
         self._last.forget_generators(out.finished_request_ids)
         if not out.scheduled:
             return ModelOutput(sampled={}, elapsed_seconds=time.perf_counter() - t0)
-        prefills = [r for r in out.scheduled if r.num_tokens > 1]
-        decodes = [r for r in out.scheduled if r.num_tokens == 1]
-        batches: dict[str, object] = {}  # one ForwardBatch per device (the stages of one host share one)
-        h = None
-        for stage in self.stages:
-            device = stage.runner.device
-            if (batch := batches.get(device)) is None:
-                batch = batches[device] = build_forward_batch(prefills, decodes, self.block_size, device)
-            model = stage.runner.model
-            h = model.embed(batch) if h is None else h.to(device)  # the hand-over: [T, hidden]
-            h = model.forward_layers(h, batch, stage.kv, stage.layers)
-        logits = self._last.model.logits(h, batch)
-        sampled = self._last.sample_tokens(logits, prefills + decodes)
+        micro = split_micro_batches(out.scheduled, self.num_micro_batches, self.attention_weight)
+        batches: dict[tuple[int, str], object] = {}  # one ForwardBatch per micro-batch and device
+        hidden: list = [None] * len(micro)  # [T_m, hidden] of micro-batch m, on its last stage's device
+        k = len(self.stages)
+        for tick in range(len(micro) + k - 1):
+            for s in range(max(0, tick - len(micro) + 1), min(tick, k - 1) + 1):
+                m, stage = tick - s, self.stages[s]
+                device = stage.runner.device
+                if (batch := batches.get((m, device))) is None:
+                    parts = micro[m]
+                    prefills = [r for r in parts if r.num_tokens > 1]
+                    decodes = [r for r in parts if r.num_tokens == 1]
+                    batch = batches[m, device] = build_forward_batch(
+                        prefills, decodes, self.block_size, device
+                    )
+                model = stage.runner.model
+                h = model.embed(batch) if s == 0 else hidden[m].to(device)  # the hand-over: [T_m, hidden]
+                hidden[m] = model.forward_layers(h, batch, stage.kv, stage.layers)
+        sampled: dict[str, int] = {}
+        device = self._last.device
+        for m, parts in enumerate(micro):
+            logits = self._last.model.logits(hidden[m], batches[m, device])
+            sampled |= self._last.sample_tokens(logits, parts)
         return ModelOutput(sampled=sampled, elapsed_seconds=time.perf_counter() - t0)

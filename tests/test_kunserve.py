@@ -331,6 +331,40 @@ def test_engine_counts_a_refused_drop(tiny_llama_dir: Path) -> None:
     assert not engine.last_estimate.pays_off
 
 
+def test_micro_batches_balance_tokens_and_attention() -> None:
+    """Two micro-batches by token + attention cost: a decode over 4000 tokens of context weighs about as much as
+    a 64-token prefill chunk, which a token count alone does not see."""
+    from engine.batch import ScheduledRequest
+    from engine.pipeline import request_cost, split_micro_batches
+
+    def item(name: str, num_tokens: int, start: int) -> ScheduledRequest:
+        blocks = list(range(-(-(start + num_tokens) // 16)))
+        return ScheduledRequest(name, [1] * num_tokens, start, blocks, SamplingParams(), True)
+
+    w = 1 / 64
+    batch = [
+        item("p0", 64, 0),
+        item("d0", 1, 4000),
+        item("d1", 1, 4000),
+        item("d2", 1, 10),
+        item("p1", 32, 0),
+    ]
+    assert request_cost(batch[0], w) == pytest.approx(64 + w * 64 * 32.5)
+    assert request_cost(batch[1], w) == pytest.approx(1 + w * 4001)  # it sees its own key too
+    parts = split_micro_batches(batch, 2, w)
+    assert sorted(r.request_id for p in parts for r in p) == sorted(r.request_id for r in batch)
+    costs = [sum(request_cost(r, w) for r in p) for p in parts]
+    assert abs(costs[0] - costs[1]) <= max(request_cost(r, w) for r in batch)
+    assert [{r.request_id for r in p} for p in parts] == [{"p0", "p1"}, {"d0", "d1", "d2"}]
+    # Balanced by token count alone (w = 0), the decodes join the short prefill: 96.5 vs 168.4 in true cost.
+    by_tokens = [sum(request_cost(r, w) for r in p) for p in split_micro_batches(batch, 2, 0.0)]
+    assert abs(by_tokens[0] - by_tokens[1]) > 5 * abs(costs[0] - costs[1])
+    for p in parts:  # prefills first, in scheduler order, as build_forward_batch lays out the logits rows
+        kinds = [r.num_tokens == 1 for r in p]
+        assert kinds == sorted(kinds)
+    assert split_micro_batches(batch[:1], 2, w) == [batch[:1]]  # one request: one micro-batch
+
+
 def test_block_bytes_match_the_layout(tiny_llama_dir: Path) -> None:
     """The test's BYTES_PER_BLOCK is the runner's: the growth assertion above compares like with like."""
     runner = ModelRunner(
