@@ -57,11 +57,12 @@ class LeastLoaded:
 class RwtBalancer:
     """QLM's load balancing by the RWT estimate (module docstring)."""
 
-    def __init__(self, quantile: float = 0.99, join_groups: bool = True) -> None:
+    def __init__(self, quantile: float = 0.99, join_groups: bool = True, shared_theta: bool = False) -> None:
         self.estimator = RwtEstimator(quantile)
-        self.join_groups = (
-            join_groups  # False: least estimated wait only (an ablation, engine/balance_experiment.py)
-        )
+        # Ablations (engine/balance_experiment.py): never join a group's replica (least estimated wait only); price
+        # every replica at the mean measured Θ (a busier replica runs bigger batches and measures a higher Θ).
+        self.join_groups = join_groups
+        self.shared_theta = shared_theta
 
     def place(self, request: Request, schedulers: list[Scheduler]) -> Placement:
         schedulers[0].resolve_model(request)  # "" = the first model, as the waiting requests were named
@@ -80,8 +81,10 @@ class RwtBalancer:
     def waits(self, request: Request, schedulers: list[Scheduler]) -> list[float]:
         """Estimated seconds before `request` would start on each scheduler (module docstring)."""
         known = [t for s in schedulers if (t := s.policy.slo.meter.tokens_per_s.value)]
-        fallback = sum(known) / len(known) if known else None
-        return [self.wait(request, s, s.policy.slo.meter.tokens_per_s.value or fallback) for s in schedulers]
+        mean = sum(known) / len(known) if known else None
+        if self.shared_theta:
+            return [self.wait(request, s, mean) for s in schedulers]
+        return [self.wait(request, s, s.policy.slo.meter.tokens_per_s.value or mean) for s in schedulers]
 
     def wait(self, request: Request, scheduler: Scheduler, tokens_per_s: float | None) -> float:
         s, blocks = scheduler, scheduler.block_manager

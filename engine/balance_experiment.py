@@ -5,8 +5,8 @@
 
 Two replicas on their own virtual clocks (engine/kunserve_sim.py's loop, swap mode: no parameter drop, preemption
 may swap KV to host), each with E2's engine (h100-llama3-8b cost model, an ASSUMPTION; `--kv-blocks` per replica).
-Variants: vllm and qlm with the least-loaded dispatch, qlm with `RwtBalancer`, and qlm with `RwtBalancer` that never
-joins a group's replica (least estimated wait only). The classes are scored on E2's
+Variants: vllm and qlm with the least-loaded dispatch, qlm with `RwtBalancer`, and its ablations: never join a
+group's replica (least estimated wait only), and price every replica at the mean measured Θ, alone and together. The classes are scored on E2's
 targets (interactive: TTFT ≤ 2 s and TPOT ≤ 0.2 s; batch: e2e ≤ 60 s). Everything is SIMULATED; a markdown table
 goes to stdout.
 """
@@ -32,13 +32,20 @@ TARGETS = {
     "batch": (float("inf"), float("inf"), 60.0),
 }  # ttft, tpot, e2e
 SLO_SPECS = ("interactive:ttft=2,tpot=0.2", "batch:e2e=60")
-VARIANTS = (("vllm", "least-loaded"), ("qlm", "least-loaded"), ("qlm", "rwt"), ("qlm", "rwt-nojoin"))
-BALANCERS = {
+VARIANTS = (
+    ("vllm", "least-loaded"),
+    ("qlm", "least-loaded"),
+    ("qlm", "rwt"),
+    ("qlm", "rwt-nojoin"),
+    ("qlm", "rwt-mean"),
+    ("qlm", "rwt-mean-nojoin"),
+)
+BALANCERS = {  # ablations of RwtBalancer: no group co-location; every replica priced at the mean measured Θ
     "least-loaded": LeastLoaded,
     "rwt": RwtBalancer,
-    "rwt-nojoin": lambda: RwtBalancer(
-        join_groups=False
-    ),  # ablation: least estimated wait, no group co-location
+    "rwt-nojoin": lambda: RwtBalancer(join_groups=False),
+    "rwt-mean": lambda: RwtBalancer(shared_theta=True),
+    "rwt-mean-nojoin": lambda: RwtBalancer(join_groups=False, shared_theta=True),
 }
 
 

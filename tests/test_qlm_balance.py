@@ -74,6 +74,20 @@ def test_estimate_is_per_replica():
     assert placement.waits == (0.0, 0.0) and placement.index == 0  # fewer requests held
 
 
+def test_ablations_shared_theta_and_no_joins():
+    """shared_theta prices both replicas at the mean Θ (250 tok/s); join_groups=False ignores where a group waits."""
+    fast, slow = scheduler(tokens_per_s=400.0), scheduler(tokens_per_s=100.0)
+    for s in (slow, fast):
+        queue(s, request("b0", "batch", 400), request("b1", "batch", 400))
+    chat = request("new", "interactive", 40)
+    assert RwtBalancer(shared_theta=True).waits(chat, [slow, fast]) == pytest.approx([3.2, 3.2])
+    job = request("job", "batch", 40)  # its group (batch, bucket 2) waits on the slow replica, 10 s ≪ 600 s
+    queue(slow, request("c0", "batch", 40))
+    assert RwtBalancer().place(job, [slow, fast]).reason == "joined"
+    placement = RwtBalancer(join_groups=False).place(job, [slow, fast])
+    assert (placement.index, placement.reason) == (1, "least_wait")
+
+
 def test_same_group_requests_colocate():
     """A request joins the replica where its group (class, length bucket) already waits, though the other replica
     is idle; another class or bucket is a new group and goes to the least wait."""
