@@ -49,13 +49,24 @@ def keep_layers(runner: ModelRunner, layers: range, host_layers: list[LayerWeigh
     releasing the replica's tensors), missing ones are copied back from the host copy onto the runner's device.
     Embedding, final norm and lm_head stay on every replica: stage 0 embeds, the last stage computes logits."""
     weights = runner.model.weights
-    for i, host in enumerate(host_layers):
+    for i in range(len(host_layers)):
         if i not in layers:
             weights.layers[i] = None
-        elif weights.layers[i] is None:
-            weights.layers[i] = LayerWeights(
-                **{k: None if t is None else t.to(runner.device, copy=True) for k, t in vars(host).items()}
-            )
+        else:
+            reload_layer(runner, i, host_layers)
+
+
+def reload_layer(runner: ModelRunner, index: int, host_layers: list[LayerWeights]) -> int:
+    """Copy decoder layer `index` back from the host copy onto the runner's device if it is missing; its bytes
+    (0 if it was there). A pipeline stage ignores layers outside its range, so this can run between steps."""
+    weights = runner.model.weights
+    if weights.layers[index] is not None:
+        return 0
+    host = host_layers[index]
+    weights.layers[index] = LayerWeights(
+        **{k: None if t is None else t.to(runner.device, copy=True) for k, t in vars(host).items()}
+    )
+    return layer_bytes(host)
 
 
 @dataclass

@@ -53,7 +53,15 @@ from engine.kunserve import (
     split_layers,
 )
 from engine.model import KVCache
-from engine.pipeline import ExchangeBytes, PipelineRunner, Stage, exchange_kv, keep_layers, layer_bytes
+from engine.pipeline import (
+    ExchangeBytes,
+    PipelineRunner,
+    Stage,
+    exchange_kv,
+    keep_layers,
+    layer_bytes,
+    reload_layer,
+)
 from engine.protocol import AddRequest, BatchComposition, EngineStats, Ready, TokenDelta
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, pick_device
@@ -120,6 +128,8 @@ class ReplicaEngine:
         self._token_s = {False: 0.0, True: 0.0}  # seconds per scheduled token, by is_pipelined
         self.last_estimate: DropEstimate | None = None
         self._arrivals: deque[float] = deque(maxlen=10_000)  # scheduler-clock arrival times, for the rate
+        self._reloads: deque[tuple[int, int]] = deque()  # (replica, layer) a restore still has to reload
+        self._reloaded_bytes: dict[int, int] = {}  # by replica, during a restore
         self.last_exchange = ExchangeBytes()  # KV bytes the last regroup moved between replicas / kept local
         self.num_placements: dict[str, int] = {}  # balancer placements by reason (engine/balance.py)
         self.freed_weight_bytes = 0  # decoder-layer bytes not resident now (0 in data-parallel mode)
@@ -159,6 +169,8 @@ class ReplicaEngine:
         if num_tokens := num_prefill + sum(b.num_decode_tokens for b in batches):
             self._measure_step(self._last_step_seconds, num_tokens, num_prefill)
         self._watch_memory()
+        if self._reloads:
+            self._reload_some()
         return deltas
 
     # ---- KunServe ----------------------------------------------------------------------------------------
@@ -179,6 +191,9 @@ class ReplicaEngine:
         )  # one block size everywhere
         num_free = num_total - num_used
         if self.param_drop and self.monitor.should_drop(num_pending, num_free):
+            if self._reloads:  # the spike is back before the restore finished: serve on as a pipeline
+                self._cancel_restore()
+                return
             if self.monitor.config.cost_check:
                 self.last_estimate = estimate = self._estimate_drop(waiting, num_free)
                 if not estimate.pays_off:
@@ -188,8 +203,12 @@ class ReplicaEngine:
                     )
                     return
             self.drop((num_pending - num_free) * self.num_layers * self.layer_block_bytes)
-        elif self.is_pipelined and self.monitor.should_restore(len(waiting), num_used, self.num_dp_blocks):
-            self.restore()
+        elif (
+            self.is_pipelined
+            and not self._reloads
+            and self.monitor.should_restore(len(waiting), num_used, self.num_dp_blocks)
+        ):
+            self.begin_restore()
 
     def _measure_step(self, seconds: float, num_tokens: int, num_prefill: int, alpha: float = 0.2) -> None:
         """EWMAs: a DP step, seconds per scheduled token in each mode, and seconds per prompt token from steps
@@ -246,8 +265,61 @@ class ReplicaEngine:
         )
         return True
 
+    @property
+    def is_restoring(self) -> bool:
+        return bool(self._reloads)
+
+    def begin_restore(self) -> bool:
+        """Start a restore while serving (papers.md §2.2 item 7): the dropped layers come back from the host copy
+        one per engine step (_reload_some), the pipeline serving meanwhile (its stages ignore layers outside their
+        range); when all are back, restore() switches to data-parallel. False if the running requests would not
+        fit the data-parallel pools (checked now; restore() checks again at the end)."""
+        if not self.is_pipelined or self._reloads:
+            return False
+        dp = [(i,) for i in range(len(self.runners))]
+        old = [(g.replica_ids, g.scheduler) for g in self.groups if len(g.replica_ids) > 1]
+        if plan_moves(old, dp, {ids: self._pool_blocks(ids) for ids in dp}) is None:
+            return False
+        self._reloads.extend(
+            (r, i)
+            for i in range(self.num_layers)  # layer-major: both replicas progress together
+            for r, runner in enumerate(self.runners)
+            if runner.model.weights.layers[i] is None
+        )
+        logger.info("KunServe restore started: %d layers to reload", len(self._reloads))
+        return True
+
+    def _reload_some(self) -> None:
+        """Reload the next dropped layer while the pipeline's free blocks cover the bytes reloaded so far on that
+        replica (the pool is one tensor and cannot shrink, GPU virtual memory would unmap those blocks: this keeps
+        the accounting honest by pausing while the pool needs them). Finish with restore() when all are back."""
+        replica_id, index = self._reloads[0]
+        group = next(g for g in self.groups if replica_id in g.replica_ids)
+        stage = next(s for s in group.stages if s.runner is self.runners[replica_id])
+        block_bytes = len(stage.layers) * self.layer_block_bytes
+        loaded = self._reloaded_bytes.get(replica_id, 0) + self.layer_bytes[index]
+        if group.scheduler.block_manager.num_free_blocks * block_bytes < loaded:
+            return  # paused: the KV in use now reaches into the memory the layers need
+        self._reloads.popleft()
+        self._reloaded_bytes[replica_id] = loaded
+        reload_layer(self.runners[replica_id], index, self.host_layers)
+        if not self._reloads and not self.restore():
+            self._cancel_restore()
+
+    def _cancel_restore(self) -> None:
+        """Drop the layers a restore had reloaded: the stages keep serving as they were."""
+        for group in self.groups:
+            for stage in group.stages:
+                keep_layers(stage.runner, stage.layers, self.host_layers)
+        self._reloads.clear()
+        self._reloaded_bytes.clear()
+        logger.info("KunServe restore cancelled: pipeline again")
+
     def restore(self) -> bool:
-        """Back to one whole model per replica, if every running request fits the data-parallel pools."""
+        """Back to one whole model per replica, if every running request fits the data-parallel pools (layers a
+        restore while serving has not reloaded yet are reloaded here, at once)."""
+        self._reloads.clear()
+        self._reloaded_bytes.clear()
         if not self.is_pipelined or not self.regroup([(i,) for i in range(len(self.runners))]):
             return False
         self.num_restores_total += 1
@@ -346,6 +418,7 @@ class ReplicaEngine:
             "kunserve_drops_total": float(self.num_drops_total),
             "kunserve_restores_total": float(self.num_restores_total),
             "kunserve_drops_refused_total": float(self.num_drops_refused_total),
+            "kunserve_restoring": float(self.is_restoring),
             "kunserve_freed_weight_bytes": float(self.freed_weight_bytes),
             "kunserve_monitor_usage": self.monitor.usage,
         }

@@ -158,6 +158,31 @@ def test_outputs_identical_across_drop_and_restore(tiny_llama_dir: Path, policy:
     assert all(g.scheduler.block_manager.num_free_blocks == 80 for g in engine.groups)
 
 
+def test_restore_while_serving(tiny_llama_dir: Path) -> None:
+    """begin_restore reloads one dropped layer per engine step while the pipeline keeps producing tokens, then
+    switches to data-parallel; the outputs equal the single-replica run's."""
+    waves = {0: requests("a", 6, seed=5), 10: requests("b", 3, seed=6, max_tokens=20)}
+    expected = run(make_single(tiny_llama_dir), waves)
+    engine = make_replicas(tiny_llama_dir, num_blocks=80, param_drop=False)
+    log: list[tuple[bool, int, int]] = []  # after each step: restoring, groups, tokens produced by that step
+    original_step = engine.step
+
+    def step():
+        deltas = original_step()
+        log.append((engine.is_restoring, len(engine.groups), sum(len(d.token_ids) for d in deltas)))
+        return deltas
+
+    engine.step = step
+    actions = {4: lambda: engine.drop(demand_bytes=1), 12: lambda: engine.begin_restore()}
+    got = run(engine, waves, actions)
+    assert got == expected
+    during = [entry for entry in log[13:] if entry[0]]
+    assert during and all(groups == 1 and tokens > 0 for _, groups, tokens in during)  # served as a pipeline
+    assert log[13 + len(during)][:2] == (False, 2)  # then data-parallel
+    assert engine.num_restores_total == 1 and not engine.is_restoring
+    assert all(len(r.model.weights.layers) == 2 and all(r.model.weights.layers) for r in engine.runners)
+
+
 def test_monitor_drops_under_a_burst_and_restores_after(tiny_llama_dir: Path) -> None:
     """Small pools and a burst: usage reaches 95 % with requests pending, the monitor drops; once the burst has
     drained and usage falls, it restores. Outputs still equal the single-replica run."""
