@@ -259,6 +259,8 @@ class _ReplicaSim:
         if not self.config.mode.startswith("drop"):
             return False
         if self.monitor.should_drop(num_pending, num_free):
+            if len(self.groups) < 2:  # one group already: nothing left to drop
+                return False
             if self.config.mode == "drop" and not self._estimate(now, waiting, num_free).pays_off:
                 self.result.num_drops_refused += 1
                 return False

@@ -194,6 +194,8 @@ class ReplicaEngine:
             if self._reloads:  # the spike is back before the restore finished: serve on as a pipeline
                 self._cancel_restore()
                 return
+            if len(self.groups) < 2:  # one group already: nothing left to drop
+                return
             if self.monitor.config.cost_check:
                 self.last_estimate = estimate = self._estimate_drop(waiting, num_free)
                 if not estimate.pays_off:
