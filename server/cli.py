@@ -170,6 +170,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     kun.add_argument("--drop-usage", type=float, default=0.95, help="KV usage that (with pending >= free) drops")
     kun.add_argument("--restore-usage", type=float, default=0.5, help="KV usage under which (falling) restores")
+    kun.add_argument(
+        "--min-pipeline-s",
+        type=float,
+        default=5.0,
+        help="restore hysteresis: seconds in pipeline mode before a restore",
+    )
+    kun.add_argument(
+        "--restore-fit-usage",
+        type=float,
+        default=0.8,
+        help="restore only if the data-parallel pools would hold the blocks in use at or under this fraction",
+    )
 
     predictor = parser.add_argument_group("response-length predictor")
     predictor.add_argument(
@@ -365,6 +377,8 @@ def serve(args: argparse.Namespace) -> int:
             param_drop=args.param_drop,
             drop_usage=args.drop_usage,
             restore_usage=args.restore_usage,
+            min_pipeline_s=args.min_pipeline_s,
+            restore_fit_usage=args.restore_fit_usage,
         ),
     )
     server_config = ServerConfig(
