@@ -154,7 +154,10 @@ class ReplicaEngine:
             self._pending.extend(group.scheduler.abort(request_ids))
 
     def has_work(self) -> bool:
-        return bool(self._pending) or any(g.scheduler.has_unfinished for g in self.groups)
+        """A restore in progress is work too: its reloads run in step(), also once the requests are done."""
+        return (
+            bool(self._pending) or bool(self._reloads) or any(g.scheduler.has_unfinished for g in self.groups)
+        )
 
     def step(self) -> list[TokenDelta]:
         """One step of every group with work (one after the other), then the memory monitor's vote."""

@@ -181,6 +181,11 @@ def test_restore_while_serving(tiny_llama_dir: Path) -> None:
     assert log[13 + len(during)][:2] == (False, 2)  # then data-parallel
     assert engine.num_restores_total == 1 and not engine.is_restoring
     assert all(len(r.model.weights.layers) == 2 and all(r.model.weights.layers) for r in engine.runners)
+    # A restore that starts as the last request ends still finishes: the reloads are work of their own.
+    assert engine.drop(demand_bytes=1) and engine.begin_restore() and engine.has_work()
+    while engine.has_work():
+        engine.step()
+    assert [g.replica_ids for g in engine.groups] == [(0,), (1,)] and engine.num_restores_total == 2
 
 
 def test_monitor_drops_under_a_burst_and_restores_after(tiny_llama_dir: Path) -> None:
