@@ -1,7 +1,9 @@
 """KunServe on one node (engine/kunserve.py, engine/pipeline.py, engine/replicas.py): two CPU replicas of the tiny
 random Llama. Greedy (and seeded) outputs of requests that straddle a parameter drop and a restore equal those of
-one replica that never regroups; the pool grows by the freed layer bytes // block bytes; invariants hold after every
-step; the monitor's votes and the drop plan's merges on hand-worked cases."""
+one replica that never regroups (also with a restore that reloads layers while serving); the pool grows by the freed
+layer bytes // block bytes; the exchange moves only the layers that change replica; invariants hold after every step;
+the monitor's votes, its restore hysteresis on a scripted hovering trace, the drop cost check (taken / refused), the
+micro-batch split and the drop plan's merges on hand-worked cases."""
 
 from __future__ import annotations
 
