@@ -179,3 +179,13 @@ def test_replica_engine_places_by_estimated_wait(tiny_llama_dir: Path):
     assert all(len(tokens) == 24 for tokens in outputs["single"].values())
     extra = engine.stats().extra
     assert extra["dispatch_joined_total"] == 4 and extra["dispatch_least_wait_total"] == 2
+
+    # After a KunServe drop the pipeline group is one replica: the balancer places on it, and it serves.
+    assert engine.drop(demand_bytes=1) and len(engine.groups) == 1
+    for msg in (add_message("p0", "interactive", 7), add_message("p1", "batch", 8)):
+        engine.add_request(msg)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work():
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+    assert {k: len(v) for k, v in tokens.items()} == {"p0": 24, "p1": 24}
