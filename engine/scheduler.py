@@ -360,8 +360,11 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, reason)
             deltas.append(self._delta(request, [token_id]))
-        if output.load_model and model_output.model_load_seconds > 0:
-            self.model_load_seconds[output.load_model] = model_output.model_load_seconds
+        # A step that loaded weights says nothing about Θ or the price of a prefill token: it is not metered.
+        if output.load_model:
+            if model_output.model_load_seconds > 0:
+                self.model_load_seconds[output.load_model] = model_output.model_load_seconds
+            return deltas
         step_seconds = self.clock() - self._step_start
         num_prefill = self.last_batch.num_prefill_tokens
         self.policy.slo.meter.observe(step_seconds, len(model_output.sampled), num_prefill, output.num_tokens)
