@@ -14,8 +14,9 @@ The drop model (DropModel; its numbers are assumptions for a GPU box, not measur
     capacity    a group of k replicas holds k·n + (k−1)·layer_blocks blocks: each merge frees one copy of the
                 decoder layers, worth `layer_blocks` KV blocks (as engine/replicas.py sizes the real pools)
     latency     a regroup starts when every dissolved group's step in flight has ended, and stalls the new group
-                for the KV exchange (blocks moved × (k−1)/k of their layers change device × exchange_s_per_block)
-                plus, on restore, reloading the dropped layers from host memory (reload_s)
+                for the KV exchange (blocks moved × (k−1)/k of their layers change device × exchange_s_per_block);
+                a restore first reloads the dropped layers from host memory for reload_s while the pipeline keeps
+                serving (as engine/replicas.py does; the pool is not shrunk meanwhile), a drop vote cancels it
     step cost   a pipeline step: m micro-batches through k stages, each stage 1/k of the cost model's step for
                 a micro-batch, (m + k − 1) slots plus hand-offs (PipelineSimRunner); m = 1 is the plain sum of the
                 stage costs (the real CPU pipeline, engine/pipeline.py), m = 2 the paper's two in flight
@@ -147,6 +148,7 @@ class _ReplicaSim:
         self.result = ReplicaSimResult(config, [RequestRecord(i, 0.0) for i in range(len(requests))], [])
         self.result.capacity.append((0.0, self.total_blocks))
         self._retired_preemptions = 0
+        self._restore_at: float | None = None  # a restore's reload ends then (simulated s)
         self.arrivals: deque[float] = deque(maxlen=10_000)  # recent arrival times, for the arrival rate
         self.dp_step_s = self.dp_token_s = 0.0  # EWMAs of a data-parallel group's step and s per token
 
@@ -244,6 +246,11 @@ class _ReplicaSim:
         """The memory monitor over all groups; True if a regroup happened. `force`: a stalled group samples now."""
         blocks = [g.scheduler.block_manager for g in self.groups]
         num_used, num_total = sum(b.num_used_blocks for b in blocks), sum(b.num_blocks for b in blocks)
+        if self._restore_at is not None and now >= self._restore_at:  # the reload is done: switch
+            self._restore_at = None
+            if self._regroup([(i,) for i in range(self.config.num_replicas)]):
+                self.result.num_restores += 1
+                return True
         if not self.monitor.observe(now, num_used, num_total) and not force:
             return False
         waiting = [r for g in self.groups for r in g.scheduler.waiting]
@@ -259,6 +266,7 @@ class _ReplicaSim:
         if not self.config.mode.startswith("drop"):
             return False
         if self.monitor.should_drop(num_pending, num_free):
+            self._restore_at = None  # the spike is back: a restore in progress is cancelled
             if len(self.groups) < 2:  # one group already: nothing left to drop
                 return False
             if self.config.mode == "drop" and not self._estimate(now, waiting, num_free).pays_off:
@@ -269,12 +277,14 @@ class _ReplicaSim:
             if not plan.is_empty and self._regroup(list(plan.groups)):
                 self.result.num_drops += 1
                 return True
-        elif any(len(g.replica_ids) > 1 for g in self.groups) and self.monitor.should_restore(
-            len(waiting), num_used, self.config.num_replicas * self.num_blocks
-        ):
-            if self._regroup([(i,) for i in range(self.config.num_replicas)]):
-                self.result.num_restores += 1
-                return True
+        elif (
+            any(len(g.replica_ids) > 1 for g in self.groups)
+            and self._restore_at is None
+            and self.monitor.should_restore(
+                len(waiting), num_used, self.config.num_replicas * self.num_blocks
+            )
+        ):  # restore while serving (engine/replicas.py begin_restore): the pipeline serves during the reload
+            self._restore_at = now + self.config.drop.reload_s
         return False
 
     def _measure(self, runner: SimulatedRunner) -> None:
@@ -315,8 +325,6 @@ class _ReplicaSim:
         k = max(len(ids) for ids in [*new, *(g.replica_ids for g in old)])
         moved = sum(len(m.block_map) for m in moves.values())
         stall = moved * (k - 1) / k * self.config.drop.exchange_s_per_block
-        if all(len(ids) == 1 for ids in new):
-            stall += self.config.drop.reload_s
         self._retired_preemptions += sum(g.scheduler.num_preemptions_total for g in old)
         groups = {ids: self._group(ids, VirtualClock(start + stall)) for ids in new}
         for (_, ids), move in moves.items():

@@ -46,6 +46,9 @@ def test_drop_grows_the_pool_and_restores() -> None:
     assert result.num_drops >= 1 and result.num_restores >= 1
     assert [blocks for _, blocks in result.capacity[:3]] == [120, 180, 120]  # 2 x 60, + 60 freed, back
     assert result.regroup_seconds[0] > 0 and result.throttled_s is not None
+    assert (
+        result.regroup_seconds[1] < 0.05
+    )  # reload_s: the restore reloaded while serving, only the exchange stalls
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
