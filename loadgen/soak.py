@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import itertools
 import math
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -106,7 +107,8 @@ class Outcome:
 @dataclass
 class Sample:
     t_s: float
-    rss_mib: float
+    rss_mib: float  # the server's whole process group
+    server_rss_mib: float = 0.0  # the server process alone (the rest is the engine)
     kv_used: int | None = None
     kv_cached: int | None = None
     running: int | None = None
@@ -233,7 +235,7 @@ async def probe(setup: SoakSetup, requests: list[PlannedRequest]) -> dict[str, A
 async def sampler(setup: SoakSetup, pgid: int, t0: float, samples: list[Sample], done: asyncio.Event) -> None:
     async with httpx.AsyncClient(timeout=10.0) as client:
         while not done.is_set():
-            s = Sample(time.perf_counter() - t0, group_rss_kib(pgid) / 1024)
+            s = Sample(time.perf_counter() - t0, group_rss_kib(pgid) / 1024, process_rss_kib(pgid) / 1024)
             try:
                 status = (await client.get(base_url(setup) + "/status")).json()
                 if status.get("kv") and status.get("engine"):
@@ -246,6 +248,14 @@ async def sampler(setup: SoakSetup, pgid: int, t0: float, samples: list[Sample],
                 await asyncio.wait_for(done.wait(), setup.sample_s)
             except asyncio.TimeoutError:
                 pass
+
+
+def process_rss_kib(pid: int) -> int:
+    """Resident memory of one process (KiB); 0 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 async def soak(setup: SoakSetup, rate: float, requests: list[PlannedRequest], pgid: int, run: Run) -> float:
@@ -340,6 +350,7 @@ def windows(setup: SoakSetup, run: Run) -> list[dict[str, Any]]:
                 "e2e_p50_s": pct([o.e2e for o in ok], 50),
                 "e2e_p99_s": pct([o.e2e for o in ok], 99),
                 "rss_end_mib": inside[-1].rss_mib if inside else None,
+                "server_rss_end_mib": inside[-1].server_rss_mib if inside else None,
                 "kv_used_max": max((s.kv_used for s in inside if s.kv_used is not None), default=None),
                 "in_engine_max": max(
                     ((s.running or 0) + (s.waiting or 0) for s in inside if s.running is not None),
@@ -433,15 +444,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{result['rate_rps']:.2f} req/s** for {s['duration_s'] / 60:.0f} min, {s['disconnect_frac']:.0%} of "
         f"requests closed by the client at a random point; 429s counted, not retried.",
         "",
-        "| window | sent | ok | 429 | disconnected | failed | TTFT p50 / p99 (s) | E2E p50 / p99 (s) | RSS end "
-        "(MiB) | KV blocks used, max | in engine, max |",
+        "| window | sent | ok | 429 | disconnected | failed | TTFT p50 / p99 (s) | E2E p50 / p99 (s) | RSS end, "
+        "all / server (MiB) | KV blocks used, max | in engine, max |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["windows"]:
         lines.append(
             f"| {r['window']} | {r['sent']} | {r['ok']} | {r['429']} | {r['disconnected']} | {r['failed']} | "
             f"{_f(r['ttft_p50_s'])} / {_f(r['ttft_p99_s'])} | {_f(r['e2e_p50_s'])} / {_f(r['e2e_p99_s'])} | "
-            f"{_f(r['rss_end_mib'], 0)} | {r['kv_used_max']} | {r['in_engine_max']} |"
+            f"{_f(r['rss_end_mib'], 0)} / {_f(r.get('server_rss_end_mib'), 0)} | {r['kv_used_max']} | {r['in_engine_max']} |"
         )
     mark = {True: "yes", False: "**NO**"}
     lines += [
