@@ -9,7 +9,7 @@
     request may evict lower-class running work); it also meters the steps. A no-op check for the rest;
   - `swaps`: whether a preempted request's KV may go to host memory when that is cheaper (engine/swap.py);
   - a `Balancer` (engine/balance.py): which replica group a new request joins when the engine has several
-    (least loaded; QLM's RWT balancer for qlm and kairos);
+    (least loaded; QLM's RWT balancer for qlm);
   - a `ModelChoice` (engine/model_swap.py): with several models on a replica, whether a step stays on the resident
     model, drains it or swaps to another (FCFS by default; QLM's deadline-driven choice for qlm and kairos);
   - two rules of the admission loop: how many waiting requests may fail to fit before it stops
@@ -203,8 +203,10 @@ def kairos(config: SchedulerConfig) -> SchedulingPolicy:
       - observer: the fair order (Justitia's virtual time sees capacity, arrivals, service, finishes);
       - slo: the QLM monitor (violation check every `qlm_tick_s`, step meter); swaps as qlm: an evicted
         request's KV goes to host memory when that is cheaper than recomputing it;
-      - balancer and models: QLM's RWT balancer across replica groups and its deadline-driven model swaps, as
-        qlm (engine/balance.py, engine/model_swap.py).
+      - balancer: least-loaded across replica groups, not QLM's RWT balancer: in the 2-replica simulation
+        (docs/results/qlm.md, "Load balancing") QLM's join-the-group rule cost 26-47 points of interactive
+        attainment against least-loaded, and no RWT variant beat it by more than noise; `qlm` keeps the RWT rule;
+      - models: QLM's deadline-driven model swaps, as qlm (engine/model_swap.py).
 
     Left out: EcoServe's own GT/PT ordering (Justitia's order replaces it) and KunServe's drop, which lives in
     the replica layer (engine/kunserve.py, engine/replicas.py), not in a single scheduler's policy."""
@@ -224,7 +226,7 @@ def kairos(config: SchedulerConfig) -> SchedulingPolicy:
         observer=fair_order,
         slo=monitor,
         swaps=True,
-        balancer=RwtBalancer(config.qlm_quantile),
+        balancer=LeastLoaded(),
         models=QlmModels(),
     )
 

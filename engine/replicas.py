@@ -458,6 +458,9 @@ class ReplicaEngine:
             num_kv_blocks=sum(g.scheduler.block_manager.num_blocks for g in self.groups),
             device=",".join(r.device for r in self.runners),
             policy=self.groups[0].scheduler.policy.name,
+            # a request may be placed on any group, so it must fit the smallest data-parallel pool; a drop only
+            # grows pools, so the server's check at Ready stays true in pipeline mode
+            max_blocks_per_request=min(g.scheduler.block_manager.num_blocks for g in self.groups),
         )
 
 

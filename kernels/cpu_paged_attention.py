@@ -218,7 +218,14 @@ def _build(head_dim: int, group: int, kv: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler: CPU paged attention falls back to torch")
         return None
-    key = hashlib.sha256(f"{_SOURCE}{head_dim}{group}{kv}{_cpu_flags()}".encode()).hexdigest()[:16]
+    # Compile and link in two steps: -ffast-math on the link line adds crtfastmath.o, whose constructor turns on
+    # flush-to-zero / denormals-are-zero for the whole process when the .so loads, so every float op in the
+    # engine (sampler, numpy, Python floats) would read 5e-324 as 0. Fast math stays inside the kernel's code.
+    flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC"]
+    link = ["-shared", "-fopenmp"]
+    key = hashlib.sha256(f"{_SOURCE}{head_dim}{group}{kv}{_cpu_flags()}{flags}{link}".encode()).hexdigest()[
+        :16
+    ]
     cache = Path(os.environ.get("KAIROS_CACHE_DIR") or Path.home() / ".cache" / "kairos") / "kernels"
     so = cache / f"paged_decode_d{head_dim}_g{group}_{kv}_{key}.so"
     if not so.exists():
@@ -226,23 +233,14 @@ def _build(head_dim: int, group: int, kv: str) -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory() as tmp:
             src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
             src.write_text(_SOURCE)
-            flags = [
-                "-O3",
-                "-march=native",
-                "-ffast-math",
-                "-fno-finite-math-only",
-                "-fopenmp",
-                "-shared",
-                "-fPIC",
-            ]
             defines = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}", f"-DKV_BF16={int(kv == 'bf16')}"]
             try:
-                subprocess.run(
-                    [compiler, *flags, *defines, str(src), "-o", str(out)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
+                obj = Path(tmp) / "k.o"
+                for cmd in (
+                    [compiler, "-c", *flags, *defines, str(src), "-o", str(obj)],
+                    [compiler, *link, str(obj), "-o", str(out)],
+                ):
+                    subprocess.run(cmd, check=True, capture_output=True, text=True)
             except subprocess.CalledProcessError as e:
                 logger.warning(
                     "CPU paged attention did not compile, falling back to torch: %s", e.stderr[-500:]

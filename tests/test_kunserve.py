@@ -472,6 +472,7 @@ def test_build_engine_core_with_two_cpu_replicas(tiny_llama_dir: Path) -> None:
     )
     ready = engine.ready_message()
     assert ready.num_kv_blocks == 64 and ready.device == "cpu,cpu"
+    assert ready.max_blocks_per_request == 32  # one replica's pool: the server refuses what no group can hold
     assert replica_devices("cuda:0,cuda:1", 1) == ["cuda:0", "cuda:1"]
     assert replica_devices("cpu", 3) == ["cpu"] * 3
     with pytest.raises(ValueError):

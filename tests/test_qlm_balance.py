@@ -118,9 +118,9 @@ def test_group_splits_when_joining_would_miss_the_deadline():
 
 
 def test_policies_pick_their_balancer():
-    for name in ("qlm", "kairos"):
-        assert isinstance(make_policy(name).balancer, RwtBalancer)
-    for name in ("vllm", "edf", "ecoserve", "justitia", "vtc", "reserve-max", "sjf-oracle"):
+    assert isinstance(make_policy("qlm").balancer, RwtBalancer)
+    # kairos: least-loaded, measured better than QLM's rule (docs/results/qlm.md, "Load balancing")
+    for name in ("kairos", "vllm", "edf", "ecoserve", "justitia", "vtc", "reserve-max", "sjf-oracle"):
         assert isinstance(make_policy(name).balancer, LeastLoaded)
 
 

@@ -197,3 +197,15 @@ def test_cpu_kernel_bf16_cache_matches_reference() -> None:
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(decode_attention_eager(q, k_cache, v_cache, tables, lens, 0.125), ref)
+
+
+def test_loading_the_cpu_kernel_keeps_subnormals() -> None:
+    """The kernel is built with -ffast-math; linking crtfastmath.o would set flush-to-zero for the whole engine
+    process on load (found when hypothesis refused to draw floats after an engine test). -mno-daz-ftz keeps it
+    inside the kernel."""
+    smallest = 5e-324
+    if not cpu_paged_attention.available(64, 3):  # SmolLM2's shape, as the engine builds it
+        pytest.skip("no C compiler")
+    assert smallest * 1.0 == smallest and smallest / 2 == 0.0 and smallest * 2 == 1e-323
+    x = torch.tensor([1e-40], dtype=torch.float32)
+    assert (x * 1.0).item() != 0.0
