@@ -18,23 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import orjson
 
-from loadgen.throughput_experiment import REPO, ServerSpec, loadavg, machine_info, start_server, stop_server
-
-RESULTS = REPO / "docs" / "results"
-PYTHON = sys.executable
+from loadgen import harness
+from loadgen.harness import PYTHON, StatusSampler
+from loadgen.throughput_experiment import REPO, ServerSpec
 
 # The stand-in for the length predictor while no shipped SmolLM2 model exists (predictor/models/smollm2.json.gz):
 # rl_q = true length × exp(N(Φ⁻¹(0.9)·σ, σ²)) with σ = 0.41, i.e. 90 % of tags cover the true length and the mean
@@ -274,7 +269,7 @@ def run_sim(setup: SimSetup, workdir: Path) -> dict[str, Any]:
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     return {
-        "setup": _setup_dict(setup),
+        "setup": harness.setup_dict(setup),
         "cost_model": json.loads(cost),
         "wall_seconds": time.monotonic() - t0,
         "rows": rows,
@@ -282,38 +277,6 @@ def run_sim(setup: SimSetup, workdir: Path) -> dict[str, Any]:
 
 
 # ---- real part ----------------------------------------------------------------------------------------------------
-
-
-class StatusSampler(threading.Thread):
-    """GET /status every `period_s`: KV blocks used, the ledger's reserved / written tokens (EngineStats.extra),
-    and the preemption counter, so a real run reports what the simulator reports."""
-
-    def __init__(self, port: int, period_s: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.url, self.period_s = f"http://127.0.0.1:{port}/status", period_s
-        self.samples: list[dict[str, Any]] = []
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        with httpx.Client(timeout=5.0) as client:
-            while not self._done.wait(self.period_s):
-                try:
-                    body = client.get(self.url).json()
-                except (httpx.HTTPError, ValueError):
-                    continue
-                if (engine := body.get("engine")) and body.get("kv"):
-                    self.samples.append(
-                        {**engine, "kv_used_blocks": body["kv"]["used"], "info": body["engine_info"]}
-                    )
-
-    def stop(self) -> list[dict[str, Any]]:
-        self._done.set()
-        self.join()
-        return self.samples
-
-
-def status_now(port: int) -> dict[str, Any]:
-    return httpx.get(f"http://127.0.0.1:{port}/status", timeout=10.0).json()
 
 
 def kv_from_samples(samples: list[dict[str, Any]], preemptions_before: int) -> dict[str, Any]:
@@ -339,55 +302,32 @@ def kv_from_samples(samples: list[dict[str, Any]], preemptions_before: int) -> d
 
 
 def serve_spec(setup: RealSetup, variant: Variant) -> ServerSpec:
-    cmd = [
-        PYTHON, "-m", "server", "serve",
-        "--port", str(setup.port),
-        "--model", "default",
-        "--served-model-name", "default",
-        "--policy", variant.policy,
-        "--kv-cache-memory", setup.kv_cache_memory,
-        "--max-model-len", str(setup.max_model_len),
+    cmd = harness.serve_command(
+        setup.port,
+        *("--policy", variant.policy),
+        *("--kv-cache-memory", setup.kv_cache_memory),
+        *("--max-model-len", str(setup.max_model_len)),
         *variant.serve_flags,
-    ]  # fmt: skip
+    )
     return ServerSpec(variant.label, cmd, setup.port, "default", "fp32")
 
 
 def client_command(setup: RealSetup, rate: float, out: Path) -> list[str]:
     t = setup.targets
-    return [
-        PYTHON, "-m", "loadgen", "run",
-        "--base-url", f"http://127.0.0.1:{setup.port}",
-        "--model", "default",
-        "--workload", setup.workload,
-        "--use-recorded-length",
-        "--max-tokens", str(setup.max_tokens),
-        "--max-model-len", str(setup.max_model_len),
-        "--num-requests", str(setup.num_requests),
-        "--rate", f"{rate:g}",
-        "--seed", str(setup.seed),
-        "--goodput", f"ttft:{t.ttft_ms:g}", f"tpot:{t.tpot_ms:g}",
-        "--no-progress",
-        "--json", str(out),
-    ]  # fmt: skip
+    goodput = ("--goodput", f"ttft:{t.ttft_ms:g}", f"tpot:{t.tpot_ms:g}")
+    return harness.loadgen_run_command(setup, f"{rate:g}", out, extra=goodput)
 
 
 def real_variant(setup: RealSetup, variant: Variant, workdir: Path) -> list[dict[str, Any]]:
     spec = serve_spec(setup, variant)
-    proc = start_server(spec, workdir / "real" / f"{variant.label}.log", setup.start_timeout_s)
     rows = []
-    try:
+    with harness.serving(spec, workdir / "real" / f"{variant.label}.log", setup.start_timeout_s):
         for rate in setup.rates:
-            out = workdir / "real" / f"{variant.label}_r{rate:g}.json"
-            before = status_now(setup.port)
-            sampler = StatusSampler(setup.port)
-            sampler.start()
-            load = loadavg()
-            cmd = client_command(setup, rate, out)
-            subprocess.run(cmd, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
-            samples = sampler.stop()
-            if not out.exists():
-                raise RuntimeError(f"{variant.label} rate {rate:g}: the client wrote no {out}")
-            report = orjson.loads(out.read_bytes())
+            cmd = client_command(setup, rate, workdir / "real" / f"{variant.label}_r{rate:g}.json")
+            run = harness.run_client(
+                cmd, setup.port, f"{variant.label} rate {rate:g}", StatusSampler(setup.port)
+            )
+            report = run.report
             row = {
                 "workload": setup.workload,
                 "variant": variant.label,
@@ -396,8 +336,8 @@ def real_variant(setup: RealSetup, variant: Variant, workdir: Path) -> list[dict
                 "rate": rate,
                 "seed": setup.seed,
                 **point_metrics(report, setup.targets),
-                **kv_from_samples(samples, before["engine"]["num_preemptions_total"]),
-                "loadavg_before": load,
+                **kv_from_samples(run.samples, run.status_before["engine"]["num_preemptions_total"]),
+                "loadavg_before": run.loadavg_before,
                 "workload_info": report["workload_info"],
                 "server_command": "kairos serve " + " ".join(spec.cmd[4:]),
                 "client_command": "kairos bench " + " ".join(cmd[3:-2]),
@@ -409,8 +349,6 @@ def real_variant(setup: RealSetup, variant: Variant, workdir: Path) -> list[dict
                 f"preemptions {row['num_preemptions']}",
                 flush=True,
             )
-    finally:
-        stop_server(proc)
     return rows
 
 
@@ -424,25 +362,15 @@ def _real_lengths(variant: Variant) -> str:
 def run_real(setup: RealSetup, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     rows = [row for label in setup.variants for row in real_variant(setup, VARIANTS[label], workdir)]
-    return {"setup": _setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
-
-
-def _setup_dict(setup: SimSetup | RealSetup) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(setup)))
+    return {"setup": harness.setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kairos bench experiment ecoserve", description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("sim", "real", "all"), default="all")
-    p.add_argument("--quick", action="store_true", help="a CI-sized smoke run (a few points, ~100 requests)")
-    p.add_argument("--out", type=Path, default=RESULTS / "ecoserve", help="JSON and plots go here")
-    p.add_argument("--md", type=Path, default=None, help="markdown to rewrite (default: OUT/../ecoserve.md)")
-    p.add_argument(
-        "--workdir", type=Path, default=Path("/tmp/kairos-e1"), help="raw per-point JSON, server logs"
-    )
+    quick_help = "a CI-sized smoke run (a few points, ~100 requests)"
+    p = harness.experiment_parser("ecoserve", __doc__, quick_help, Path("/tmp/kairos-e1"))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="sim seeds (default 0)")
     p.add_argument("--jobs", type=int, default=None, help="sim points run at once (default 2)")
     p.add_argument("--sim-variants", nargs="+", choices=list(VARIANTS), default=None)
@@ -475,21 +403,12 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     sim_setup, real_setup = setups(args)
-    meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "loadavg_start": loadavg(),
-        "command": "kairos bench experiment ecoserve " + " ".join(argv),
-        "quick": args.quick,
-        "predictor_model": PREDICTOR_MODEL.exists(),
-    }
+    meta = {**harness.run_meta("ecoserve", argv, args.quick), "predictor_model": PREDICTOR_MODEL.exists()}
     args.out.mkdir(parents=True, exist_ok=True)
     parts = ("sim", "real") if args.part == "all" else (args.part,)
     for part in parts:
         result = run_sim(sim_setup, args.workdir) if part == "sim" else run_real(real_setup, args.workdir)
-        result["meta"] = {**meta, "loadavg_end": loadavg()}
-        (args.out / f"{part}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-        print(f"wrote {args.out / f'{part}.json'}", flush=True)
+        harness.write_part(args.out, part, result, meta)
     md = args.md or args.out.parent / f"{args.out.name}.md"
     for path in write_outputs(args.out, md, plots=not args.no_plots):
         print(f"wrote {path}", flush=True)

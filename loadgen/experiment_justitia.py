@@ -18,7 +18,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,10 @@ import numpy as np
 import orjson
 
 from loadgen.fluid import FluidRequest, fluid_finish
+from loadgen.harness import serving
 from loadgen.report import jain_index
+from loadgen.throughput_experiment import REPO, ServerSpec
 
-REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("vllm", "vtc", "justitia", "sjf-oracle")
 COST_MODEL = "h100-llama3-8b"
 TASK_PARALLEL = (
@@ -137,35 +137,13 @@ def run_sim(scenario: dict[str, Any], policy: str, out: Path) -> dict[str, Any]:
 # ---- real part ----------------------------------------------------------------------------------------------
 
 
-def start_server(policy: str, port: int, fair_iteration_s: float, log: Path) -> subprocess.Popen:
+def serve_spec(policy: str, port: int, fair_iteration_s: float) -> ServerSpec:
     cmd = [
         "nice", sys.executable, "-m", "server", "serve", "--policy", policy, "--port", str(port),
         "--max-model-len", "2048", "--fair-iteration-s", str(fair_iteration_s), "--log-level", "warning",
         "--kv-cache-memory", REAL["kv_cache_memory"],
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not healthy after 600 s; see {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+    return ServerSpec(policy, cmd, port, "default", "fp32")
 
 
 def kv_pool_tokens(port: int) -> int:
@@ -174,8 +152,7 @@ def kv_pool_tokens(port: int) -> int:
 
 
 def run_real(policy: str, port: int, fair_iteration_s: float, out: Path) -> tuple[dict[str, Any], dict]:
-    proc = start_server(policy, port, fair_iteration_s, out.with_suffix(".log"))
-    try:
+    with serving(serve_spec(policy, port, fair_iteration_s), out.with_suffix(".log"), timeout_s=600.0):
         cmd = [
             "nice", sys.executable, "-m", "loadgen", "run", "--workload", "apps", "--base-url",
             f"http://127.0.0.1:{port}", "--rate", str(REAL["rate"]), "--num-requests", str(REAL["num_requests"]),
@@ -186,8 +163,6 @@ def run_real(policy: str, port: int, fair_iteration_s: float, out: Path) -> tupl
         ]  # fmt: skip
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         pool = kv_pool_tokens(port)
-    finally:
-        stop_server(proc)
     return orjson.loads(out.read_bytes()), {"kv_pool_tokens": pool}
 
 

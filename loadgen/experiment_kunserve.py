@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from loadgen.experiment_ecoserve import StatusSampler, status_now
-from loadgen.throughput_experiment import REPO, ServerSpec, loadavg, machine_info, start_server, stop_server
+from loadgen import harness
+from loadgen.harness import PYTHON, StatusSampler
+from loadgen.throughput_experiment import REPO, ServerSpec
 
-RESULTS = REPO / "docs" / "results"
-PYTHON = sys.executable
 BEGIN = "<!-- BEGIN kunserve real (kairos bench experiment kunserve --part real) -->"
 END = "<!-- END kunserve real -->"
 
@@ -94,7 +91,7 @@ def run_sim(setup: SimSetup, workdir: Path) -> dict[str, Any]:
         tables[workload] = proc.stdout.strip()
         print(f"[sim] {workload}, {num_requests} requests (SIMULATED):\n{tables[workload]}", flush=True)
     return {
-        "setup": asdict(setup),
+        "setup": harness.setup_dict(setup),
         "label": "SIMULATED",
         "wall_seconds": time.monotonic() - t0,
         "rows": rows,
@@ -106,34 +103,18 @@ def run_sim(setup: SimSetup, workdir: Path) -> dict[str, Any]:
 
 
 def serve_spec(setup: RealSetup, param_drop: str) -> ServerSpec:
-    cmd = [
-        PYTHON, "-m", "server", "serve",
-        "--port", str(setup.port),
-        "--model", "default",
-        "--served-model-name", "default",
-        "--replicas", "2",
-        "--device-memory", setup.device_memory,
-        "--param-drop", param_drop,
-        "--max-model-len", str(setup.max_model_len),
-    ]  # fmt: skip
+    cmd = harness.serve_command(
+        setup.port,
+        *("--replicas", "2"),
+        *("--device-memory", setup.device_memory),
+        *("--param-drop", param_drop),
+        *("--max-model-len", str(setup.max_model_len)),
+    )
     return ServerSpec(f"param-drop-{param_drop}", cmd, setup.port, "default", "fp32")
 
 
 def client_command(setup: RealSetup, out: Path) -> list[str]:
-    return [
-        PYTHON, "-m", "loadgen", "run",
-        "--base-url", f"http://127.0.0.1:{setup.port}",
-        "--model", "default",
-        "--workload", setup.workload,
-        "--use-recorded-length",
-        "--max-tokens", str(setup.max_tokens),
-        "--max-model-len", str(setup.max_model_len),
-        "--num-requests", str(setup.num_requests),
-        "--rate", "inf",
-        "--seed", str(setup.seed),
-        "--no-progress",
-        "--json", str(out),
-    ]  # fmt: skip
+    return harness.loadgen_run_command(setup, "inf", out)
 
 
 def latency_metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -176,47 +157,31 @@ def drop_events(samples: list[dict[str, Any]], t0: float, before: dict[str, floa
 
 
 class TimedSampler(StatusSampler):
-    """StatusSampler with a wall-clock stamp on every sample."""
+    """StatusSampler that keeps the engine's counters, with a wall-clock stamp on every sample."""
 
-    def run(self) -> None:
-        import httpx
-
-        with httpx.Client(timeout=5.0) as client:
-            while not self._done.wait(self.period_s):
-                try:
-                    body = client.get(self.url).json()
-                except (httpx.HTTPError, ValueError):
-                    continue
-                if engine := body.get("engine"):
-                    self.samples.append({**engine, "sampled_at": time.monotonic()})
+    def sample(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        if engine := body.get("engine"):
+            return {**engine, "sampled_at": time.monotonic()}
+        return None
 
 
 def real_variant(setup: RealSetup, param_drop: str, workdir: Path) -> dict[str, Any]:
     spec = serve_spec(setup, param_drop)
-    proc = start_server(spec, workdir / "real" / f"{spec.label}.log", setup.start_timeout_s)
-    try:
-        out = workdir / "real" / f"{spec.label}.json"
-        before = status_now(setup.port)
-        engine_before = before.get("engine") or {}
+    with harness.serving(spec, workdir / "real" / f"{spec.label}.log", setup.start_timeout_s):
+        cmd = client_command(setup, workdir / "real" / f"{spec.label}.json")
         sampler = TimedSampler(setup.port, period_s=0.25)
-        sampler.start()
-        load = loadavg()
-        cmd = client_command(setup, out)
-        t0 = time.monotonic()
-        subprocess.run(cmd, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
-        time.sleep(1.0)  # one more sample after the last request
-        samples = sampler.stop()
-        if not out.exists():
-            raise RuntimeError(f"param-drop {param_drop}: the client wrote no {out}")
-        report = orjson.loads(out.read_bytes())
-        last = samples[-1] if samples else status_now(setup.port)["engine"]
+        # 1 s of sampling after the client exits: one more sample after the last request
+        run = harness.run_client(cmd, setup.port, f"param-drop {param_drop}", sampler, settle_s=1.0)
+        before, samples, report = run.status_before, run.samples, run.report
+        engine_before = before.get("engine") or {}
+        last = samples[-1] if samples else harness.status_now(setup.port)["engine"]
         row = {
             "param_drop": param_drop,
             **latency_metrics(report),
             "num_preemptions": last["num_preemptions_total"] - engine_before.get("num_preemptions_total", 0),
-            **drop_events(samples, t0, engine_before.get("extra", {})),
+            **drop_events(samples, run.started_at, engine_before.get("extra", {})),
             "num_kv_blocks": before.get("engine_info", {}).get("num_kv_blocks"),
-            "loadavg_before": load,
+            "loadavg_before": run.loadavg_before,
             "workload_info": report["workload_info"],
             "server_command": "kairos serve " + " ".join(spec.cmd[4:]),
             "client_command": "kairos bench " + " ".join(cmd[3:-2]),
@@ -227,14 +192,12 @@ def real_variant(setup: RealSetup, param_drop: str, workdir: Path) -> dict[str, 
             flush=True,
         )
         return row
-    finally:
-        stop_server(proc)
 
 
 def run_real(setup: RealSetup, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     rows = [real_variant(setup, v, workdir) for v in setup.variants]
-    return {"setup": asdict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
+    return {"setup": harness.setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
 
 
 def real_markdown(result: dict[str, Any]) -> str:
@@ -280,16 +243,8 @@ def write_real_markdown(result: dict[str, Any], md: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kairos bench experiment kunserve", description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("sim", "real", "all"), default="all")
-    p.add_argument(
-        "--quick", action="store_true", help="a CI-sized smoke run (one small workload, few requests)"
-    )
-    p.add_argument("--out", type=Path, default=RESULTS / "kunserve", help="JSON goes here")
-    p.add_argument(
-        "--md", type=Path, default=None, help="markdown for the real table (default: OUT/../kunserve.md)"
-    )
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/kairos-e4"), help="raw JSON, server logs")
+    quick_help = "a CI-sized smoke run (one small workload, few requests)"
+    p = harness.experiment_parser("kunserve", __doc__, quick_help, Path("/tmp/kairos-e4"))
     p.add_argument("--real-num-requests", type=int, default=None)
     p.add_argument("--real-max-tokens", type=int, default=None)
     p.add_argument("--device-memory", default=None, help="per replica, e.g. 1.15GiB")
@@ -307,20 +262,12 @@ def main(argv: list[str]) -> int:
         device_memory=args.device_memory or real_setup.device_memory,
         port=args.port or real_setup.port,
     )
-    meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "loadavg_start": loadavg(),
-        "command": "kairos bench experiment kunserve " + " ".join(argv),
-        "quick": args.quick,
-    }
+    meta = harness.run_meta("kunserve", argv, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = ("sim", "real") if args.part == "all" else (args.part,)
     for part in parts:
         result = run_sim(sim_setup, args.workdir) if part == "sim" else run_real(real_setup, args.workdir)
-        result["meta"] = {**meta, "loadavg_end": loadavg()}
-        (args.out / f"{part}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-        print(f"wrote {args.out / f'{part}.json'}", flush=True)
+        harness.write_part(args.out, part, result, meta)
         if part == "real":
             md = args.md or args.out.parent / f"{args.out.name}.md"
             write_real_markdown(result, md)

@@ -22,20 +22,19 @@ estimator's accuracy: estimated vs actual waits from the monitor's ring (simulat
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from loadgen.experiment_ecoserve import PYTHON, RESULTS, status_now
-from loadgen.throughput_experiment import REPO, ServerSpec, loadavg, machine_info, start_server, stop_server
+from loadgen import harness
+from loadgen.harness import PYTHON
+from loadgen.throughput_experiment import REPO, ServerSpec
 
 POLICIES = ("vllm", "edf", "qlm")
 # Simulator ablation: qlm with no host swap pool, so every eviction and preemption recomputes.
@@ -261,60 +260,40 @@ def run_sim(setup: SimSetup, workdir: Path) -> dict[str, Any]:
                 f"swaps {r['num_swaps']}, recomputes {r['num_recomputes']}, evictions {r['num_evictions']}",
                 flush=True,
             )
-    return {"setup": _setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
+    return {"setup": harness.setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
 
 
 # ---- real part ------------------------------------------------------------------------------------------------
 
 
+NICE = ("nice", "-n", "10")
+
+
 def serve_spec(setup: RealSetup, policy: str) -> ServerSpec:
-    cmd = [
-        "nice", "-n", "10", PYTHON, "-m", "server", "serve",
-        "--port", str(setup.port),
-        "--model", "default",
-        "--served-model-name", "default",
-        "--policy", policy,
-        "--kv-cache-memory", setup.kv_cache_memory,
-        "--swap-space", setup.swap_space,
-        "--max-model-len", str(setup.max_model_len),
-        "--length-source", "oracle",
+    cmd = harness.serve_command(
+        setup.port,
+        *("--policy", policy),
+        *("--kv-cache-memory", setup.kv_cache_memory),
+        *("--swap-space", setup.swap_space),
+        *("--max-model-len", str(setup.max_model_len)),
+        *("--length-source", "oracle"),
         *slo_flags(setup.targets),
-    ]  # fmt: skip
+        prefix=NICE,
+    )
     return ServerSpec(policy, cmd, setup.port, "default", "fp32")
 
 
 def client_command(setup: RealSetup, out: Path) -> list[str]:
-    return [
-        "nice", "-n", "10", PYTHON, "-m", "loadgen", "run",
-        "--base-url", f"http://127.0.0.1:{setup.port}",
-        "--model", "default",
-        "--workload", setup.workload,
-        "--use-recorded-length",
-        "--max-tokens", str(setup.max_tokens),
-        "--max-model-len", str(setup.max_model_len),
-        "--num-requests", str(setup.num_requests),
-        "--rate", f"{setup.rate:g}",
-        "--seed", str(setup.seed),
-        "--no-progress",
-        "--json", str(out),
-    ]  # fmt: skip
+    return harness.loadgen_run_command(setup, f"{setup.rate:g}", out, prefix=NICE)
 
 
 def real_point(setup: RealSetup, policy: str, workdir: Path) -> dict[str, Any]:
     spec = serve_spec(setup, policy)
-    proc = start_server(spec, workdir / "real" / f"{policy}.log", setup.start_timeout_s)
-    try:
-        before = status_now(setup.port)["engine"]
-        out = workdir / "real" / f"{policy}.json"
-        cmd = client_command(setup, out)
-        load = loadavg()
-        subprocess.run(cmd, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
-        after = status_now(setup.port)["engine"]
-    finally:
-        stop_server(proc)
-    if not out.exists():
-        raise RuntimeError(f"{policy}: the client wrote no {out}")
-    report = orjson.loads(out.read_bytes())
+    cmd = client_command(setup, workdir / "real" / f"{policy}.json")
+    with harness.serving(spec, workdir / "real" / f"{policy}.log", setup.start_timeout_s):
+        run = harness.run_client(cmd, setup.port, policy)
+        after = harness.status_now(setup.port)["engine"]
+    before, report = run.status_before["engine"], run.report
     extra = after.get("extra", {})
     preemptions = after["num_preemptions_total"] - before["num_preemptions_total"]
     swaps = int(extra.get("num_swaps_total", 0))
@@ -333,7 +312,7 @@ def real_point(setup: RealSetup, policy: str, workdir: Path) -> dict[str, Any]:
         "rwt_pairs": int(extra.get("qlm_rwt_pairs", 0)),
         "rwt_mean_error_s": extra.get("qlm_rwt_mean_error_s"),
         "rwt_mean_abs_error_s": extra.get("qlm_rwt_mean_abs_error_s"),
-        "loadavg_before": load,
+        "loadavg_before": run.loadavg_before,
         "workload_info": report["workload_info"],
         "server_command": "kairos serve " + " ".join(spec.cmd[7:]),
         "client_command": "kairos bench run " + " ".join(cmd[7:-2]),
@@ -349,23 +328,16 @@ def real_point(setup: RealSetup, policy: str, workdir: Path) -> dict[str, Any]:
 def run_real(setup: RealSetup, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     rows = [real_point(setup, policy, workdir) for policy in setup.policies]
-    return {"setup": _setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
-
-
-def _setup_dict(setup: SimSetup | RealSetup) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(setup)))
+    return {"setup": harness.setup_dict(setup), "wall_seconds": time.monotonic() - t0, "rows": rows}
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kairos bench experiment qlm", description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("sim", "real", "all"), default="all")
-    p.add_argument("--quick", action="store_true", help="a CI-sized smoke run (one point per policy)")
-    p.add_argument("--out", type=Path, default=RESULTS / "qlm", help="JSON and plots go here")
-    p.add_argument("--md", type=Path, default=None, help="markdown to rewrite (default: OUT/../qlm.md)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/kairos-e2"), help="raw per-point JSON, logs")
+    p = harness.experiment_parser(
+        "qlm", __doc__, "a CI-sized smoke run (one point per policy)", Path("/tmp/kairos-e2")
+    )
     p.add_argument("--jobs", type=int, default=None, help="sim points run at once (default 2)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
@@ -377,19 +349,11 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     sim_setup, real_setup = (QUICK_SIM, QUICK_REAL) if args.quick else (SimSetup(), RealSetup())
     sim_setup = replace(sim_setup, jobs=args.jobs or sim_setup.jobs)
-    meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "loadavg_start": loadavg(),
-        "command": "kairos bench experiment qlm " + " ".join(argv),
-        "quick": args.quick,
-    }
+    meta = harness.run_meta("qlm", argv, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     for part in ("sim", "real") if args.part == "all" else (args.part,):
         result = run_sim(sim_setup, args.workdir) if part == "sim" else run_real(real_setup, args.workdir)
-        result["meta"] = {**meta, "loadavg_end": loadavg()}
-        (args.out / f"{part}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-        print(f"wrote {args.out / f'{part}.json'}", flush=True)
+        harness.write_part(args.out, part, result, meta)
     md = args.md or args.out.parent / f"{args.out.name}.md"
     for path in write_outputs(args.out, md, plots=not args.no_plots):
         print(f"wrote {path}", flush=True)

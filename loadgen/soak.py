@@ -43,16 +43,9 @@ import numpy as np
 import orjson
 
 from loadgen.datasets import DEFAULT_DATA_DIR, WorkloadConfig
+from loadgen.harness import serving
 from loadgen.plan import PlannedRequest
-from loadgen.throughput_experiment import (
-    REPO,
-    ServerSpec,
-    group_rss_kib,
-    loadavg,
-    machine_info,
-    start_server,
-    stop_server,
-)
+from loadgen.throughput_experiment import REPO, ServerSpec, group_rss_kib, loadavg, machine_info
 from loadgen.workloads import build_workload
 
 RESULTS_MD = REPO / "docs" / "results" / "reliability.md"
@@ -389,8 +382,7 @@ def checks(setup: SoakSetup, rows: list[dict[str, Any]], run: Run, audit: dict[s
 def run_soak(setup: SoakSetup, workdir: Path) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     load_before = loadavg()
-    proc = start_server(setup.server_spec(), workdir / "server.log", timeout_s=600.0)
-    try:
+    with serving(setup.server_spec(), workdir / "server.log", timeout_s=600.0) as proc:
         probe_requests = plan(setup, 5000)
         capacity = asyncio.run(probe(setup, probe_requests))
         if capacity["completed"] == 0:
@@ -401,8 +393,6 @@ def run_soak(setup: SoakSetup, workdir: Path) -> dict[str, Any]:
         run = Run(setup)
         soak_s = asyncio.run(soak(setup, rate, requests, proc.pid, run))
         audit = final_audit(setup)
-    finally:
-        stop_server(proc)
     rows = windows(setup, run)
     return {
         "command": "",  # set by main
