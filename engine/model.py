@@ -258,10 +258,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def row_bucket(m: int) -> int:
+    """The row count a oneDNN GEMM runs at: m itself up to 16, else m rounded up to 1/8 of its power of two
+    (17..32 by 2, 33..64 by 4, ..., 1025..2048 by 128): at most 12.5 % padded rows, 72 shapes up to 2048."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through oneDNN. fp32 F.linear on CPU goes to MKL, which runs 2.2-2.4x slower than oneDNN on the
-    AMD Zen 5 we serve on (M >= 32: ~100 vs ~230 GFLOP/s per core); bf16 already goes to oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    AMD Zen 5 we serve on (M >= 32: ~100 vs ~230 GFLOP/s per core); bf16 already goes to oneDNN.
+
+    The rows are padded to `row_bucket(M)`. oneDNN builds (JIT-compiles) and caches a primitive per input shape,
+    and a serving engine sees almost every M from 1 to max_num_batched_tokens: unpadded, the 30-minute soak's
+    engine process grew ~40 MiB a minute (cached primitives plus glibc heap fragmented by their scratch buffers,
+    docs/results/reliability.md); padded, the shapes are a fixed few and it stays flat. Rows are independent in a
+    GEMM: a real row's result does not depend on the (zero) padding rows, and is the same whenever the same bucket
+    runs."""
+    m = x.shape[0] if x.dim() == 2 else -1
+    if m < 0 or (b := row_bucket(m)) == m:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    padded = x.new_empty(b, x.shape[1])
+    padded[:m] = x
+    padded[m:].zero_()
+    return torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", [], "")[:m]
 
 
 def pick_matmul(device: torch.device) -> Callable[..., torch.Tensor]:

@@ -346,3 +346,23 @@ def test_too_few_blocks_is_an_error(tiny_llama_dir: Path) -> None:
     short = ScheduledRequest("x", [5] * 9, 0, [0, 1], GREEDY, True)  # 9 tokens need 3 blocks of 4
     with pytest.raises(ValueError, match="cannot hold"):
         runner.execute(SchedulerOutput([short]))
+
+
+def test_onednn_linear_pads_rows_to_a_few_buckets() -> None:
+    """Each GEMM shape is a JIT-compiled, cached oneDNN primitive: the row count is padded to a bucket so a
+    serving engine sees a fixed few shapes (unpadded, the soak's engine process grew ~40 MiB a minute)."""
+    from engine.model import onednn_linear, pick_matmul, row_bucket
+
+    buckets = [row_bucket(m) for m in range(1, 2049)]
+    assert len(set(buckets)) == 72
+    assert all(m <= b <= max(m, m + m / 8) for m, b in zip(range(1, 2049), buckets, strict=True))
+    assert buckets[:16] == list(range(1, 17)) and row_bucket(17) == 18 and row_bucket(1025) == 1152
+    if pick_matmul(torch.device("cpu")) is not onednn_linear:
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    for m in (1, 16, 17, 33, 100, 1025):
+        x = torch.randn(m, 64)
+        out = onednn_linear(x, weight, bias)
+        assert out.shape == (m, 96) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
