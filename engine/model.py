@@ -391,7 +391,9 @@ class PagedLlama:
     def embed(self, batch: ForwardBatch) -> torch.Tensor:  # [T, hidden]
         return F.embedding(batch.token_ids, self.weights.embed).to(self.dtype)
 
-    def forward_layers(self, h: torch.Tensor, batch: ForwardBatch, kv: KVCache, layers: range) -> torch.Tensor:
+    def forward_layers(
+        self, h: torch.Tensor, batch: ForwardBatch, kv: KVCache, layers: range
+    ) -> torch.Tensor:
         """Run `layers` (contiguous) over h [T, hidden]; kv holds exactly these layers, kv.k[0] is layers[0]."""
         cos, sin = self.rope(batch.positions)
         for j, i in enumerate(layers):

@@ -60,7 +60,9 @@ def lp_order(
                     row[var(j, q)] = t[j]
             row[var(i, p)] += big_m
             rows.append(row), lower.append(-np.inf), upper.append(d[i] - start_s + big_m)
-    cost = np.array([t[j] * (n - 1 - q) for j in range(n) for q in range(n)])  # T_j delays the n-1-q later slots
+    cost = np.array(
+        [t[j] * (n - 1 - q) for j in range(n) for q in range(n)]
+    )  # T_j delays the n-1-q later slots
     result = milp(
         cost,
         constraints=LinearConstraint(np.array(rows), lower, upper),

@@ -46,7 +46,9 @@ def main() -> None:
     plain = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         core.step()
-    print(f"decode step, B={args.batch}, ctx~{args.context}, {torch.get_num_threads()} threads: {plain * 1e3:.0f} ms")
+    print(
+        f"decode step, B={args.batch}, ctx~{args.context}, {torch.get_num_threads()} threads: {plain * 1e3:.0f} ms"
+    )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

@@ -49,7 +49,7 @@ from server.schema import (
     prefix_cache_salt,
 )
 from server.status import RollingWindow, status_body
-from server.supervisor import EngineSupervisor
+from server.supervisor import EngineSupervisor, RestartPolicy
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def build_app(
         client,
         config.ready_timeout_s,
         config.drain_timeout_s,
+        RestartPolicy(max_quick_failures=config.max_engine_restarts),
         on_restart=lambda: app.state.metrics.on_engine_restart(),
     )
     if client.ready is not None:  # a client that is ready at once (tests)

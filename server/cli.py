@@ -48,6 +48,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "then they end with an error event and the server exits",
     )
     http.add_argument(
+        "--max-engine-restarts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="a dead engine is restarted (back-off 1 s doubling to 30 s); after N deaths in a row, each within a "
+        "minute of its start, the server exits with status 1 instead (0 = restart forever)",
+    )
+    http.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -168,8 +176,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="drop replicated layers into pipeline groups under a KV spike; auto = on with >= 2 replicas",
     )
-    kun.add_argument("--drop-usage", type=float, default=0.95, help="KV usage that (with pending >= free) drops")
-    kun.add_argument("--restore-usage", type=float, default=0.5, help="KV usage under which (falling) restores")
+    kun.add_argument(
+        "--drop-usage", type=float, default=0.95, help="KV usage that (with pending >= free) drops"
+    )
+    kun.add_argument(
+        "--restore-usage", type=float, default=0.5, help="KV usage under which (falling) restores"
+    )
     kun.add_argument(
         "--min-pipeline-s",
         type=float,
@@ -331,6 +343,8 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
     if args.drain_timeout < 0:
         raise SystemExit("--drain-timeout must be >= 0")
+    if args.max_engine_restarts < 0:
+        raise SystemExit("--max-engine-restarts must be >= 0")
     specs = args.model or ["default"]
     model_dir = resolve_model(specs[0])  # the default model is downloaded and converted on first use
     # Default names: the model directory's name (README: "smollm2-135m-instruct"), then --model as given.
@@ -405,6 +419,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queued_requests_per_tenant=args.max_queued_requests_per_tenant,
         max_queued_tokens_per_tenant=args.max_queued_tokens_per_tenant,
         drain_timeout_s=args.drain_timeout,
+        max_engine_restarts=args.max_engine_restarts,
     )
     app = build_app(server_config, EngineClient(engine_config))
     # On SIGINT/SIGTERM uvicorn stops accepting and waits for open responses; the supervisor (told first) answers
@@ -419,8 +434,12 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.drain_timeout + 5,  # a backstop: the supervisor ends streams before
     )
     logger.info("serving %s (%s) on http://%s:%d", names[0], model_dir, args.host, args.port)
-    DrainingServer(uvicorn_config, app.state.supervisor.request_drain).run()
-    return 0
+    supervisor = app.state.supervisor
+    server = DrainingServer(uvicorn_config, supervisor.request_drain)
+    # A crash loop: stop serving 503s and exit 1 for systemd / Kubernetes to see.
+    supervisor.on_give_up = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if supervisor.gave_up else 0
 
 
 def bench(args: argparse.Namespace) -> int:

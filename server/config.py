@@ -29,6 +29,8 @@ class ServerConfig:
     # SIGTERM / SIGINT (server/supervisor.py): in-flight requests get this long to finish; then they end with an
     # error event and the server exits.
     drain_timeout_s: float = 30.0
+    # Quick engine deaths in a row after which the server exits 1 (server/supervisor.py); 0 = restart forever.
+    max_engine_restarts: int = 5
     log_level: str = "info"
     # Response-length predictor (predictor/online.py): "default" = the shipped SmolLM2 model, "none" = the
     # documented constants, or a model file. predictor_log: append finished requests' features + lengths there.

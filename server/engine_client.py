@@ -19,6 +19,8 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable
+from dataclasses import fields, replace
+from typing import Any
 
 from engine.codec import CodecError, decode, encode
 from engine.config import EngineConfig
@@ -96,6 +98,9 @@ class EngineClient:
         self.ready: Ready | None = None
         self.latest_stats: EngineStats | None = None
         self.error: str | None = None  # why the engine is dead, once it is
+        # The cumulative counters of engines that died, so that /metrics and the status window keep counting up
+        # across a restart instead of dropping to 0 in the middle of one server process's life.
+        self._carried: dict[str, float] = {}
         self._process: multiprocessing.process.BaseProcess | None = None
         self._channel: Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,6 +147,8 @@ class EngineClient:
             raise RuntimeError("the engine process is still running")
         self._process = None
         self.ready = None
+        if self.latest_stats is not None:
+            self._carried = stats_totals(self.latest_stats)
         self.latest_stats = None
         self.error = None
         self._is_dead = False
@@ -270,7 +277,7 @@ class EngineClient:
                 case TokenDeltaBatch(deltas=deltas):
                     self._route(deltas)
                 case EngineStats() as stats:
-                    self.latest_stats = stats
+                    self.latest_stats = carry_totals(stats, self._carried) if self._carried else stats
                 case Ready() as ready:
                     self.ready = ready
                     logger.info(
@@ -330,3 +337,28 @@ class EngineClient:
             self._loop.remove_reader(self._channel.fileno())
             self._channel.close()
         self._outbox.clear()
+
+
+# ---- counters across engine restarts ----------------------------------------------------------------------------
+
+
+def stats_totals(stats: EngineStats) -> dict[str, float]:
+    """The cumulative counters in `stats`: the *_total fields and the *_total entries of `extra`."""
+    totals: dict[str, float] = {
+        f.name: getattr(stats, f.name) for f in fields(stats) if f.name.endswith("_total")
+    }
+    totals.update({f"extra.{k}": v for k, v in stats.extra.items() if k.endswith("_total")})
+    return totals
+
+
+def carry_totals(stats: EngineStats, carried: dict[str, float]) -> EngineStats:
+    """`stats` from a restarted engine with the dead engines' totals added to its counters."""
+    changes: dict[str, Any] = {
+        name: type(getattr(stats, name))(getattr(stats, name) + carried.get(name, 0))
+        for name in (f.name for f in fields(stats) if f.name.endswith("_total"))
+    }
+    extra = dict(stats.extra)
+    for key, value in carried.items():
+        if key.startswith("extra."):
+            extra[key[6:]] = extra.get(key[6:], 0.0) + value
+    return replace(stats, **changes, extra=extra)

@@ -4,7 +4,10 @@
 down (killed, crashed, EngineError), its open streams have already ended with an error event (engine_client.py);
 the supervisor logs why, waits a back-off (1 s doubling to 30 s, back to 1 s once an engine stayed up a minute),
 spawns a fresh process and waits for its Ready. Meanwhile `unavailable_reason` makes /health and every request
-503 + Retry-After. `request_drain` (from the signal handler) stops admissions and restarts; after the drain
+503 + Retry-After. After `max_quick_failures` deaths in a row, each within a minute of its start (a crash loop:
+bad weights, a broken device, out of memory at load), it stops trying, stays 503 and tells the server to exit
+with status 1, so that what runs the server (systemd, Kubernetes) sees the failure instead of a server that answers
+503 forever. `request_drain` (from the signal handler) stops admissions and restarts; after the drain
 timeout the engine is shut down, which ends whatever still streams with an error event, so the server can exit.
 """
 
@@ -42,6 +45,7 @@ class RestartPolicy:
     first_delay_s: float = 1.0
     max_delay_s: float = 30.0
     stable_after_s: float = 60.0  # an engine up this long has its next restart start over at first_delay_s
+    max_quick_failures: int = 5  # deaths in a row, each before stable_after_s, that end the server; 0 = never
 
     def delay(self, num_quick_failures: int) -> float:
         """Back-off before the restart that follows `num_quick_failures` (>= 1) deaths in a row."""
@@ -62,6 +66,8 @@ class EngineSupervisor:
         self.drain_timeout_s = drain_timeout_s
         self.policy = policy
         self.on_restart = on_restart  # told of each spawn after a death (the metrics counter)
+        self.on_give_up: Callable[[], None] | None = None  # stops the server (cli.py: uvicorn's should_exit)
+        self.gave_up = False
         self.num_restarts = 0
         self.last_exit: str | None = None  # why the engine last died, first line
         self.is_restarting = False
@@ -75,6 +81,8 @@ class EngineSupervisor:
         self._loop = loop
 
     def unavailable_reason(self) -> str | None:
+        if self.gave_up:
+            return f"the engine keeps failing ({self.last_exit}); the server is stopping"
         if self.is_draining:
             return "the server is shutting down"
         if self.is_restarting:
@@ -95,6 +103,9 @@ class EngineSupervisor:
             self.last_exit = (self.client.error or "the engine process exited").partition("\n")[0]
             is_quick = time.monotonic() - up_since < self.policy.stable_after_s
             num_quick_failures = num_quick_failures + 1 if is_quick else 1
+            if 0 < self.policy.max_quick_failures <= num_quick_failures:
+                self.give_up(num_quick_failures)
+                return
             delay = self.policy.delay(num_quick_failures)
             logger.error("engine died (%s); restarting it in %.1f s", self.last_exit, delay)
             await asyncio.sleep(delay)
@@ -115,6 +126,15 @@ class EngineSupervisor:
             self.is_restarting = False
             logger.info("engine restarted (restart %d): %s, %d KV blocks", self.num_restarts,
                         ready.model_name, ready.num_kv_blocks)  # fmt: skip
+
+    def give_up(self, num_failures: int) -> None:
+        self.gave_up = True
+        logger.critical(
+            "engine died %d times in a row, each within %.0f s of its start (last: %s); not restarting it again, "
+            "stopping the server", num_failures, self.policy.stable_after_s, self.last_exit,
+        )  # fmt: skip
+        if self.on_give_up is not None:
+            self.on_give_up()
 
     # ---- drain ------------------------------------------------------------------------------------------------
 

@@ -21,5 +21,7 @@ def test_small_run_of_every_variant(tmp_path, capsys) -> None:
     for row in rows:
         assert sum(row["placements"].values()) == 60 and row["num_done"] == 60
         assert 0.0 <= row["interactive_slo"] <= 1.0 and 0.0 <= row["batch_slo"] <= 1.0
-    assert set(rows[0]["placements"]) == {"least_loaded"} and set(rows[3]["placements"]) == set(rows[5]["placements"]) == {"least_wait"}
+    assert set(rows[0]["placements"]) == {"least_loaded"} and set(rows[3]["placements"]) == set(
+        rows[5]["placements"]
+    ) == {"least_wait"}
     assert "| qlm | rwt |" in capsys.readouterr().out

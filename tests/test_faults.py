@@ -122,6 +122,46 @@ def test_quick_deaths_back_off_longer_and_a_stable_engine_starts_over() -> None:
     asyncio.run(main())
 
 
+def test_a_crash_loop_gives_up_and_stops_the_server() -> None:
+    """Every engine dies while starting: after max_quick_failures deaths in a row the supervisor stops restarting,
+    stays unavailable and asks the server to exit (cli.py turns that into exit status 1)."""
+
+    async def main() -> None:
+        client = CrashingClient(num_bad_starts=100)
+        policy = RestartPolicy(first_delay_s=0.01, max_delay_s=0.02, max_quick_failures=3)
+        supervisor = EngineSupervisor(client, READY_TIMEOUT_S, 5.0, policy)
+        stopped: list[int] = []
+        supervisor.on_give_up = lambda: stopped.append(1)
+        await asyncio.wait_for(supervisor.run(), 5)  # returns once it gives up
+        assert supervisor.gave_up and stopped == [1]
+        assert supervisor.num_restarts == 2  # the first death, two restarts that died: three in a row
+        assert "keeps failing" in (supervisor.unavailable_reason() or "")
+
+    asyncio.run(main())
+
+
+def test_counters_carry_across_a_restart_and_gauges_do_not() -> None:
+    from engine.protocol import EngineStats
+    from server.engine_client import carry_totals, stats_totals
+
+    def stats(tokens: int, swaps: float, usage: float) -> EngineStats:
+        return EngineStats(
+            time.time(), 1, 0, 0, 10, 64, usage, 1, 5, tokens, 0, 0, 7, 0.01,
+            extra={"model_swaps_total": swaps, "kv_reserved_fraction": usage},
+        )  # fmt: skip
+
+    carried = stats_totals(stats(100, 2.0, 0.9))
+    now = carry_totals(stats(3, 1.0, 0.1), carried)
+    assert (now.num_generation_tokens_total, now.num_steps_total, now.num_prompt_tokens_total) == (
+        103,
+        14,
+        10,
+    )
+    assert isinstance(now.num_generation_tokens_total, int)
+    assert now.extra == {"model_swaps_total": 3.0, "kv_reserved_fraction": 0.1}
+    assert (now.kv_usage, now.num_running) == (0.1, 1)
+
+
 def test_killed_engine_ends_streams_with_errors_then_restarts() -> None:
     async def main() -> None:
         client = EngineClient(FAKE_CONFIG, core_factory=SLOW_FAKE)
@@ -137,6 +177,8 @@ def test_killed_engine_ends_streams_with_errors_then_restarts() -> None:
             await until(
                 lambda: (s := client.latest_stats) is not None and s.num_running == 3, 10, "3 running"
             )
+            await until(lambda: client.latest_stats.num_generation_tokens_total >= 10, 10, "tokens counted")
+            counted_before = client.latest_stats.num_generation_tokens_total
             old_pid = client.pid
             os.kill(old_pid, signal.SIGKILL)
             for deltas in await asyncio.gather(*(read_until_finish(s, 10) for s in streams)):
@@ -153,6 +195,15 @@ def test_killed_engine_ends_streams_with_errors_then_restarts() -> None:
             deltas = await read_until_finish(client.add_request(request("after", 4)), 10)
             assert [t for d in deltas for t in d.token_ids] == [0, 1, 2, 3]
             assert deltas[-1].finish_reason == FinishReason.LENGTH
+            # Counters carry on from the dead engine's last report instead of restarting from 0 (engine_client.py).
+            await until(
+                lambda: (
+                    (s := client.latest_stats) is not None
+                    and s.num_generation_tokens_total >= counted_before + 4
+                ),
+                10,
+                "counters carried across the restart",
+            )
             assert len(own_segments(os.getpid())) == 2  # the new pair of rings; the dead engine's are gone
         finally:
             supervise.cancel()
@@ -343,6 +394,7 @@ def test_engine_killed_mid_stream_errors_every_stream_and_restarts(server: LiveS
                 for ls, ev in zip(lines, opened, strict=True)
             ]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in opened)), 30)
+            counted_before = scrape(server)["vllm:generation_tokens_total{}"]
             os.kill(engine_pid(server), signal.SIGKILL)
             assert await asyncio.wait_for(asyncio.gather(*tasks), 10) == [200, 200, 200]  # ended, no hang
             for stream_lines in lines:
@@ -367,9 +419,13 @@ def test_engine_killed_mid_stream_errors_every_stream_and_restarts(server: LiveS
             assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
             status = (await http.get("/status")).json()
             assert status["engine_restarts"] == 1 and "code -9" in status["last_engine_exit"]
+            return counted_before
 
-    asyncio.run(main())
-    assert scrape(server)["kairos:engine_restarts_total{}"] == 1.0
+    counted_before = asyncio.run(main())
+    metrics = scrape(server)
+    assert metrics["kairos:engine_restarts_total{}"] == 1.0
+    # The dead engine's counts carry on (engine_client.py carry_totals): a counter never goes down mid-process.
+    assert metrics["vllm:generation_tokens_total{}"] >= counted_before + 4
 
 
 @pytest.mark.e2e
@@ -470,3 +526,21 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(server: LiveServer) ->
     assert own_segments(pid) == set()
     log = server.log_path.read_text()
     assert "draining" in log and "Traceback" not in log
+
+
+@pytest.mark.e2e
+def test_a_crash_loop_ends_the_server_with_status_1(tmp_path: Path) -> None:
+    """`--max-engine-restarts 2`: an engine killed, restarted, killed again within a minute of its start — the
+    server stops restarting and exits 1 (for systemd / Kubernetes), its engine and rings gone."""
+    with live_server(tmp_path, "--max-engine-restarts", "2") as srv:
+        first = engine_pid(srv)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while engine_pid(srv) == first or httpx.get(f"{srv.base_url}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, f"no restart within 60 s:\n{srv.log_tail()}"
+            time.sleep(0.2)
+        os.kill(engine_pid(srv), signal.SIGKILL)
+        assert srv.process.wait(timeout=30) == 1, srv.log_tail()
+        log = srv.log_path.read_text()
+        assert "not restarting it again" in log and "Traceback" not in log
+        assert own_segments(srv.process.pid) == set()

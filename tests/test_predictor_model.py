@@ -131,9 +131,10 @@ def test_upper_score_from_the_mean_model_is_calibrated_too():
 def _capped_dataset(n: int, seed: int, cap: int):
     """The synthetic rule with every request capped at max_tokens = cap: "essay" prompts (≥ 400 tokens) always
     run to the cap, "line" prompts (~40-160) almost never: the SmolLM2 situation in miniature."""
+    from predictor_synth import synth_rows
+
     from predictor.dataset import Dataset, group_key
     from predictor.features import extract
-    from predictor_synth import synth_rows
 
     data = Dataset()
     for row in synth_rows(n, seed):

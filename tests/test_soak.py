@@ -124,7 +124,9 @@ def test_markdown_section_is_replaced_between_markers(tmp_path) -> None:
         "checks": checks(run.setup, rows, run, AUDIT_OK),
     }
     md = tmp_path / "reliability.md"
-    md.write_text(f"# Reliability\n\nhand-written intro\n\n{BEGIN}\nold numbers\n{END}\n\nhand-written tail\n")
+    md.write_text(
+        f"# Reliability\n\nhand-written intro\n\n{BEGIN}\nold numbers\n{END}\n\nhand-written tail\n"
+    )
     write_markdown(result, md)
     text = md.read_text()
     assert "hand-written intro" in text and "hand-written tail" in text and "old numbers" not in text
