@@ -183,9 +183,10 @@ async def _start(app: Starlette) -> None:
             ready.block_size,
             ready.policy,
         )
-    except Exception as exc:  # reported by /health and every request, and logged
+    except Exception as exc:  # logged, reported by /health and every request until the server exits 1
         app.state.startup_error = f"{type(exc).__name__}: {exc}"
         logger.exception("startup failed")
+        app.state.supervisor.startup_failed(app.state.startup_error)
 
 
 async def _supervise(app: Starlette, startup: asyncio.Task) -> None:

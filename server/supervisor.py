@@ -7,8 +7,9 @@ spawns a fresh process and waits for its Ready. Meanwhile `unavailable_reason` m
 503 + Retry-After. After `max_quick_failures` deaths in a row, each within a minute of its start (a crash loop:
 bad weights, a broken device, out of memory at load), it stops trying, stays 503 and tells the server to exit
 with status 1, so that what runs the server (systemd, Kubernetes) sees the failure instead of a server that answers
-503 forever. `request_drain` (from the signal handler) stops admissions and restarts; after the drain
-timeout the engine is shut down, which ends whatever still streams with an error event, so the server can exit.
+503 forever; `startup_failed` does the same when the first engine never becomes ready. `request_drain` (from the
+signal handler) stops admissions and restarts; after the drain timeout the engine is shut down, which ends whatever
+still streams with an error event, so the server can exit.
 """
 
 from __future__ import annotations
@@ -126,6 +127,15 @@ class EngineSupervisor:
             self.is_restarting = False
             logger.info("engine restarted (restart %d): %s, %d KV blocks", self.num_restarts,
                         ready.model_name, ready.num_kv_blocks)  # fmt: skip
+
+    def startup_failed(self, reason: str) -> None:
+        """The first engine never became ready (bad model, too little memory): nothing to restart, the server exits
+        1 as vLLM's does, instead of answering 503 forever."""
+        self.gave_up = True
+        self.last_exit = reason.partition("\n")[0]
+        logger.critical("the engine did not start (%s); stopping the server", self.last_exit)
+        if self.on_give_up is not None:
+            self.on_give_up()
 
     def give_up(self, num_failures: int) -> None:
         self.gave_up = True

@@ -13,6 +13,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import httpx
 import orjson
 import pytest
 from fake_engine_client import FakeClient
-from live_server import LiveServer, live_server
+from live_server import REPO, LiveServer, free_port, live_server
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_tokenizer import tiny_tokenizer
 
@@ -544,3 +546,21 @@ def test_a_crash_loop_ends_the_server_with_status_1(tmp_path: Path) -> None:
         log = srv.log_path.read_text()
         assert "not restarting it again" in log and "Traceback" not in log
         assert own_segments(srv.process.pid) == set()
+
+
+@pytest.mark.e2e
+def test_an_engine_that_never_starts_ends_the_server_with_status_1(tmp_path: Path) -> None:
+    """A KV budget too small for one block: the engine fails before its Ready; the server logs why and exits 1
+    instead of answering 503 forever."""
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "server", "serve", "--port", str(free_port()), "--model", "default"]
+    cmd += ["--max-model-len", "512", "--kv-cache-memory", "1KiB", "--num-threads", "1"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert process.wait(timeout=120) == 1, log_path.read_text()
+    finally:
+        process.kill()
+    log = log_path.read_text()
+    assert "startup failed" in log and "the engine did not start" in log
+    assert own_segments(process.pid) == set()
