@@ -98,9 +98,10 @@ class EngineClient:
         self.ready: Ready | None = None
         self.latest_stats: EngineStats | None = None
         self.error: str | None = None  # why the engine is dead, once it is
-        # The cumulative counters of engines that died, so that /metrics and the status window keep counting up
-        # across a restart instead of dropping to 0 in the middle of one server process's life.
-        self._carried: dict[str, float] = {}
+        # The dead engine's last stats (its counters already carrying the ones before it): added to the new
+        # engine's counters, so /metrics and the status window keep counting up across a restart instead of
+        # dropping to 0 in the middle of one server process's life.
+        self._carried: EngineStats | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._channel: Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,7 +149,7 @@ class EngineClient:
         self._process = None
         self.ready = None
         if self.latest_stats is not None:
-            self._carried = stats_totals(self.latest_stats)
+            self._carried = self.latest_stats
         self.latest_stats = None
         self.error = None
         self._is_dead = False
@@ -277,7 +278,7 @@ class EngineClient:
                 case TokenDeltaBatch(deltas=deltas):
                     self._route(deltas)
                 case EngineStats() as stats:
-                    self.latest_stats = carry_totals(stats, self._carried) if self._carried else stats
+                    self.latest_stats = stats if self._carried is None else carry_totals(stats, self._carried)
                 case Ready() as ready:
                     self.ready = ready
                     logger.info(
@@ -342,23 +343,15 @@ class EngineClient:
 # ---- counters across engine restarts ----------------------------------------------------------------------------
 
 
-def stats_totals(stats: EngineStats) -> dict[str, float]:
-    """The cumulative counters in `stats`: the *_total fields and the *_total entries of `extra`."""
-    totals: dict[str, float] = {
-        f.name: getattr(stats, f.name) for f in fields(stats) if f.name.endswith("_total")
-    }
-    totals.update({f"extra.{k}": v for k, v in stats.extra.items() if k.endswith("_total")})
-    return totals
+_TOTALS = tuple(f.name for f in fields(EngineStats) if f.name.endswith("_total"))  # the cumulative fields
 
 
-def carry_totals(stats: EngineStats, carried: dict[str, float]) -> EngineStats:
-    """`stats` from a restarted engine with the dead engines' totals added to its counters."""
-    changes: dict[str, Any] = {
-        name: type(getattr(stats, name))(getattr(stats, name) + carried.get(name, 0))
-        for name in (f.name for f in fields(stats) if f.name.endswith("_total"))
-    }
+def carry_totals(stats: EngineStats, dead: EngineStats) -> EngineStats:
+    """`stats` from a restarted engine with the counters of `dead` (the last stats before the restart, themselves
+    carried) added: the *_total fields and the *_total entries of `extra`; gauges are the new engine's."""
     extra = dict(stats.extra)
-    for key, value in carried.items():
-        if key.startswith("extra."):
-            extra[key[6:]] = extra.get(key[6:], 0.0) + value
+    for key, value in dead.extra.items():
+        if key.endswith("_total"):
+            extra[key] = extra.get(key, 0.0) + value
+    changes: dict[str, Any] = {name: getattr(stats, name) + getattr(dead, name) for name in _TOTALS}
     return replace(stats, **changes, extra=extra)

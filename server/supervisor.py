@@ -105,7 +105,10 @@ class EngineSupervisor:
             is_quick = time.monotonic() - up_since < self.policy.stable_after_s
             num_quick_failures = num_quick_failures + 1 if is_quick else 1
             if 0 < self.policy.max_quick_failures <= num_quick_failures:
-                self.give_up(num_quick_failures)
+                self.give_up(
+                    f"engine died {num_quick_failures} times in a row, each within "
+                    f"{self.policy.stable_after_s:.0f} s of its start (last: {self.last_exit}); not restarting it again"
+                )
                 return
             delay = self.policy.delay(num_quick_failures)
             logger.error("engine died (%s); restarting it in %.1f s", self.last_exit, delay)
@@ -131,18 +134,13 @@ class EngineSupervisor:
     def startup_failed(self, reason: str) -> None:
         """The first engine never became ready (bad model, too little memory): nothing to restart, the server exits
         1 as vLLM's does, instead of answering 503 forever."""
-        self.gave_up = True
         self.last_exit = reason.partition("\n")[0]
-        logger.critical("the engine did not start (%s); stopping the server", self.last_exit)
-        if self.on_give_up is not None:
-            self.on_give_up()
+        self.give_up(f"the engine did not start ({self.last_exit})")
 
-    def give_up(self, num_failures: int) -> None:
+    def give_up(self, why: str) -> None:
+        """Stop restarting, answer 503 and have the server exit 1."""
         self.gave_up = True
-        logger.critical(
-            "engine died %d times in a row, each within %.0f s of its start (last: %s); not restarting it again, "
-            "stopping the server", num_failures, self.policy.stable_after_s, self.last_exit,
-        )  # fmt: skip
+        logger.critical("%s; stopping the server", why)
         if self.on_give_up is not None:
             self.on_give_up()
 

@@ -144,7 +144,7 @@ def test_a_crash_loop_gives_up_and_stops_the_server() -> None:
 
 def test_counters_carry_across_a_restart_and_gauges_do_not() -> None:
     from engine.protocol import EngineStats
-    from server.engine_client import carry_totals, stats_totals
+    from server.engine_client import carry_totals
 
     def stats(tokens: int, swaps: float, usage: float) -> EngineStats:
         return EngineStats(
@@ -152,8 +152,7 @@ def test_counters_carry_across_a_restart_and_gauges_do_not() -> None:
             extra={"model_swaps_total": swaps, "kv_reserved_fraction": usage},
         )  # fmt: skip
 
-    carried = stats_totals(stats(100, 2.0, 0.9))
-    now = carry_totals(stats(3, 1.0, 0.1), carried)
+    now = carry_totals(stats(3, 1.0, 0.1), stats(100, 2.0, 0.9))
     assert (now.num_generation_tokens_total, now.num_steps_total, now.num_prompt_tokens_total) == (
         103,
         14,
